@@ -1,0 +1,197 @@
+"""The ChatGLM2 transformer, with THUDM's module tree so state-dict keys load unchanged.
+
+The model knows nothing of adapters, HTTP or scheduling: it embeds tokens, computes rotated
+q/k/v, and lets an attention backend (chatglm/attention.py, or the engine's) attend.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBackend, DenseAttention, DenseKVCache
+from .config import ChatGLMConfig
+from .prefix import PrefixKV
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # THUDM: variance in fp32, scale and weight multiply in fp32, one rounding at the end.
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for ChatGLM2's rotary: only the first half of each head rotates, in interleaved pairs."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.rot_dim = config.kv_channels // 2
+        self.max_positions = config.seq_length
+        self._table: torch.Tensor | None = None
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            # Same arithmetic as THUDM in fp32: theta_i = 1/10000^(2i/rot_dim), angle = pos * theta.
+            theta = 1.0 / (10000 ** (torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device) / self.rot_dim))
+            pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            angles = torch.outer(pos, theta)  # [max_pos, rot_dim/2]
+            self._table = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [max_pos, rot_dim/2, 2]
+        return self._table
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.numel() and int(position_ids.max()) >= self.max_positions:
+            raise ValueError(f"position {int(position_ids.max())} is beyond seq_length {self.max_positions}")
+        return self.table(position_ids.device)[position_ids]  # [*lead, rot_dim/2, 2]
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    # x [*lead, heads, D]; rope [*lead, R/2, 2] -> rotate pairs (2i, 2i+1) of the first R channels
+    half = rope.shape[-2]
+    rot, keep = x[..., : 2 * half], x[..., 2 * half:]
+    rot = rot.float().unflatten(-1, (half, 2))  # [*lead, heads, R/2, 2]
+    cos, sin = rope[..., 0].unsqueeze(-2), rope[..., 1].unsqueeze(-2)  # [*lead, 1, R/2]
+    x0, x1 = rot[..., 0], rot[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+    return torch.cat([out.to(x.dtype), keep], dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_kv_groups
+        self.head_dim = config.kv_channels
+        qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        H, G, D = self.num_heads, self.num_groups, self.head_dim
+        qkv = self.query_key_value(x)  # [*lead, (H + 2G) * D]
+        q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+        q = apply_rotary(q.unflatten(-1, (H, D)), rope)  # [*lead, H, D]
+        k = apply_rotary(k.unflatten(-1, (G, D)), rope)  # [*lead, G, D]
+        v = v.unflatten(-1, (G, D))  # [*lead, G, D]
+        out = attention(self.layer_number, q, k, v)  # [*lead, H, D]
+        return self.dense(out.flatten(-2))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: gate first, then up
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_number: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.self_attention = SelfAttention(config, layer_number)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), rope, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+
+class ChatGLMModel(nn.Module):
+    """`transformer.*` in THUDM's checkpoints."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.embedding = Embedding(config)
+        self.rotary_pos_emb = RotaryEmbedding(config)
+        self.encoder = Encoder(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention: AttentionBackend) -> torch.Tensor:
+        """input_ids, position_ids [*lead] -> final-normed hidden states [*lead, hidden]."""
+        x = self.embedding.word_embeddings(input_ids)  # [*lead, hidden]
+        rope = self.rotary_pos_emb(position_ids)  # [*lead, R/2, 2]
+        for layer in self.encoder.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, attention, use_reentrant=False)
+            else:
+                x = layer(x, rope, attention)
+        return self.encoder.final_layernorm(x)
+
+
+class ChatGLM(nn.Module):
+    """ChatGLM2 with its LM head (THUDM's ChatGLMForConditionalGeneration)."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = ChatGLMModel(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.embedding.word_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.embedding.word_embeddings.weight.device
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.transformer.output_layer(hidden)  # [*lead, padded_vocab]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                prefix: PrefixKV | Sequence[PrefixKV | None] | None = None,
+                cache: DenseKVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] (left-padded) -> logits [B, T, padded_vocab] ([B, 1, V] with last_only).
+
+        `prefix` is one PrefixKV for the batch or one per row (None for no adapter). A `cache`
+        passed in is extended in place (pass the prefix only on its first call).
+        """
+        B, T = input_ids.shape
+        new_mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+                    else attention_mask.to(torch.bool))  # [B, T]
+        store = cache is not None
+        if cache is None or cache.length == 0:
+            fresh = (DenseKVCache.from_prefix(self.config, B, prefix, self.dtype, input_ids.device)
+                     if prefix is not None else DenseKVCache(self.config.num_layers))
+            if cache is not None:
+                cache.__dict__.update(fresh.__dict__)
+            cache = fresh if cache is None else cache
+        elif prefix is not None:
+            raise ValueError("the cache already holds this batch's prefix; pass prefix only on the first call")
+        if position_ids is None:
+            base = cache.next_pos if cache.next_pos is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
+            position_ids = base[:, None] + (new_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+        attention = DenseAttention(cache, new_mask, store=store)
+        hidden = self.transformer.hidden_states(input_ids, position_ids, attention)  # [B, T, hidden]
+        attention.commit()
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.compute_logits(hidden)
