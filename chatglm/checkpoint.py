@@ -200,3 +200,42 @@ def save_prefix(encoder: PrefixEncoder, folder: str | Path, config: ChatGLMConfi
     (folder / "config.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     (folder / "generation_config.json").write_text(json.dumps(
         {"_from_model_config": True, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id}, indent=2) + "\n")
+
+
+def save_model(model: ChatGLM, folder: str | Path, *, safetensors: bool = True,
+               max_shard_bytes: int | None = None) -> None:
+    """Write the published layout: config.json plus weights (one file, or shards with an index)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ext, stem = (".safetensors", "model") if safetensors else (".bin", "pytorch_model")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+
+    def write(tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if safetensors:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, path)
+
+    if len(shards) == 1:
+        write(shards[0], folder / f"{stem}{ext}")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}{ext}"
+        write(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
