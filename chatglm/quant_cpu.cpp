@@ -1,0 +1,210 @@
+// AVX2 weight-only int8/int4 matmul reading THUDM's packed layout directly (no repacked copy).
+//
+// y[m, n] = wscale[n] * sum_k q[n, k] * x[m, k] (+ bias[n]).  Activations are quantized per
+// 128-column block to 16-bit (int8 weights) or 15-bit (int4 weights) integers: the error is at most
+// block absmax / 32766, well below bf16 rounding.  Inner loops are integer multiply-adds
+// (vpmaddwd; vpmaddubsw on nibbles for int4); each block's int32 sum is scaled in fp32.
+// int4 bytes hold column 2j in the high nibble and 2j+1 in the low nibble (4-bit two's complement).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 128;  // activation quantization block, in columns
+constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
+constexpr int kMaxM = 4;          // activation rows handled together per weight row
+
+struct QuantizedX {
+  std::vector<int16_t> q;  // [M, K] natural column order (int8 weights; ragged tail for int4)
+  std::vector<int8_t> p;   // int4 only, [M, full blocks * 2 chunks, 128]: per 64 columns the high
+                           // bytes of even and odd columns, then the low 7 bits of even and odd
+  std::vector<float> s;    // [M, nb] block scales
+  std::vector<float> corr; // [M] int4 only: -8 * sum_b s_b * sum(x_b) over full blocks
+  int64_t nb = 0, full = 0;
+};
+
+// int8 weights: x -> round(x / s), s = absmax / 32767.  int4 weights: 15-bit x = 128 * h + l with
+// h in [-128, 127] and l in [0, 127], so vpmaddubsw (unsigned nibble x signed byte) never saturates.
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
+  QuantizedX r;
+  const float qmax = bits == 8 ? 32767.f : 16383.f;
+  r.nb = (K + kBlock - 1) / kBlock;
+  r.full = K / kBlock;
+  r.q.assign(M * K, 0);
+  r.s.assign(M * r.nb, 0.f);
+  if (bits == 4) r.p.assign(M * r.full * 2 * 128, 0), r.corr.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int16_t* qr = r.q.data() + m * K;
+    for (int64_t b = 0; b < r.nb; ++b) {
+      const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float inv = amax > 0.f ? qmax / amax : 0.f;
+      r.s[m * r.nb + b] = amax / qmax;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(xr[k] * inv)));  // round half to even
+        sum += qr[k];
+      }
+      if (bits == 4 && b < r.full) r.corr[m] -= 8.f * r.s[m * r.nb + b] * static_cast<float>(sum);
+    }
+    for (int64_t c = 0; bits == 4 && c < r.full * 2; ++c) {
+      int8_t* pc = r.p.data() + (m * r.full * 2 + c) * 128;
+      for (int64_t j = 0; j < 64; ++j) {
+        const int16_t v = qr[c * 64 + j];
+        const int64_t lane = (j & 1) * 32 + (j >> 1);
+        pc[lane] = static_cast<int8_t>(v >> 7);  // arithmetic shift: floor(v / 128)
+        pc[64 + lane] = static_cast<int8_t>(v & 127);
+      }
+    }
+  }
+  return r;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int nibble(int8_t byte, bool high) {
+  return high ? (byte >> 4) : static_cast<int8_t>(static_cast<uint8_t>(byte) << 4) >> 4;
+}
+
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// int32 lane sums of one full 128-column block of an int8 weight row against MC activation rows.
+template <int MC>
+inline void block8(const int8_t* w, const int16_t* const* xs, __m256i* acc) {
+  for (int i = 0; i < MC; ++i) acc[i] = _mm256_setzero_si256();
+  for (int c = 0; c < kBlock; c += 16) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
+    for (int i = 0; i < MC; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wv, load256(xs[i] + c)));
+  }
+}
+
+// Same for int4 (64 bytes): sum of u * x with u = q + 8; the -8 * sum(x) term is in QuantizedX::corr.
+template <int MC>
+inline void block4(const int8_t* w, const int8_t* const* px, __m256i* acc) {
+  const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
+  __m256i hs[MC], ls[MC];  // int16 sums over 2 chunks: <= 2 * 2 * 2 * 15 * 128 = 15360
+  for (int i = 0; i < MC; ++i) hs[i] = ls[i] = _mm256_setzero_si256();
+  for (int c = 0; c < 2; ++c) {
+    const __m256i v = _mm256_xor_si256(load256(w + 32 * c), flip);  // nibble ^ 8 = q + 8
+    const __m256i ev = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);  // columns 2j
+    const __m256i od = _mm256_and_si256(v, nib);                         // columns 2j + 1
+    for (int i = 0; i < MC; ++i) {
+      const int8_t* x = px[i] + 128 * c;
+      hs[i] = _mm256_add_epi16(hs[i], _mm256_add_epi16(_mm256_maddubs_epi16(ev, load256(x)), _mm256_maddubs_epi16(od, load256(x + 32))));
+      ls[i] = _mm256_add_epi16(ls[i], _mm256_add_epi16(_mm256_maddubs_epi16(ev, load256(x + 64)), _mm256_maddubs_epi16(od, load256(x + 96))));
+    }
+  }
+  const __m256i ones = _mm256_set1_epi16(1), w128 = _mm256_set1_epi16(128);
+  for (int i = 0; i < MC; ++i) acc[i] = _mm256_add_epi32(_mm256_madd_epi16(hs[i], w128), _mm256_madd_epi16(ls[i], ones));
+}
+
+// One weight row against MC activation rows; writes the unscaled dot products to dots[0..MC).
+template <int BITS, int MC>
+void row_dots(const int8_t* w, const QuantizedX& qx, int64_t m0, int64_t K, float* dots) {
+  const int16_t* xs[MC];
+  const int8_t* px[MC];
+  const float* sc[MC];
+  __m256 accf[MC];
+  __m256i acc[MC];
+  for (int i = 0; i < MC; ++i) {
+    xs[i] = qx.q.data() + (m0 + i) * K;
+    px[i] = BITS == 4 ? qx.p.data() + (m0 + i) * qx.full * 256 : nullptr;
+    sc[i] = qx.s.data() + (m0 + i) * qx.nb;
+    accf[i] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < qx.full; ++b) {
+    if constexpr (BITS == 8) {
+      block8<MC>(w + b * kBlock, xs, acc);
+      for (int i = 0; i < MC; ++i) xs[i] += kBlock;
+    } else {
+      block4<MC>(w + b * kBlock / 2, px, acc);
+      for (int i = 0; i < MC; ++i) px[i] += 256;
+    }
+    for (int i = 0; i < MC; ++i) accf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_broadcast_ss(sc[i] + b), accf[i]);
+  }
+  for (int i = 0; i < MC; ++i) {
+    float tail = 0.f;
+    const int64_t k0 = qx.full * kBlock;
+    if (k0 < K) {  // ragged last block, natural column order
+      const int16_t* xr = qx.q.data() + (m0 + i) * K;
+      int32_t t = 0;
+      for (int64_t k = k0; k < K; ++k) t += (BITS == 8 ? w[k] : nibble(w[k / 2], (k & 1) == 0)) * xr[k];
+      tail = static_cast<float>(t) * sc[i][qx.full];
+    }
+    dots[i] = hsum(accf[i]) + tail + (BITS == 4 ? qx.corr[m0 + i] : 0.f);
+  }
+}
+
+template <int BITS>
+void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const float* bias,
+               float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t row_bytes = K * BITS / 8;
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    float dots[kMaxM];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* wr = w + n * row_bytes;
+          switch (mc) {
+            case 4: row_dots<BITS, 4>(wr, qx, m0, K, dots); break;
+            case 3: row_dots<BITS, 3>(wr, qx, m0, K, dots); break;
+            case 2: row_dots<BITS, 2>(wr, qx, m0, K, dots); break;
+            default: row_dots<BITS, 1>(wr, qx, m0, K, dots); break;
+          }
+          const float add = bias ? bias[n] : 0.f;
+          for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = dots[i] * wscale[n] + add;
+        }
+      }
+    }
+  });
+}
+
+// x [M, K] float32/bfloat16; weight int8 [N, K*bits/8]; scale [N] float32; bias [N] float32 or None.
+at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& bias, int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 4, "chatglm_quant::mm: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "chatglm_quant::mm: x and weight must be 2-D");
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous(), "chatglm_quant::mm: weight must be contiguous int8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "chatglm_quant::mm: scale must be contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) * 8 == K * bits, "chatglm_quant::mm: weight has ", weight.size(1),
+              " bytes per row, expected ", K * bits / 8, " for K=", K, " at ", bits, " bits");
+  TORCH_CHECK(scale.numel() == N, "chatglm_quant::mm: scale must have ", N, " entries");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    bf = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bf.numel() == N, "chatglm_quant::mm: bias must have ", N, " entries");
+  }
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  const QuantizedX qx = quantize_x(xf.data_ptr<float>(), M, K, static_cast<int>(bits));
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  if (bits == 8) gemm_impl<8>(qx, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
+  else gemm_impl<4>(qx, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chatglm_quant, m) {
+  m.def("mm(Tensor x, Tensor weight, Tensor scale, Tensor? bias, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(chatglm_quant, CPU, m) { m.impl("mm", &weight_only_mm); }
