@@ -59,6 +59,13 @@ class EngineStats:
     kv_capacity_tokens: int = 0
     num_resident_adapters: int = 0
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> counters
+    kv_cached_tokens: int = 0  # tokens of finished sequences kept for prompt-prefix reuse
+    prefix_cache_hits: int = 0  # admissions that reused cached KV ...
+    prefix_cache_queries: int = 0  # ... out of all admissions
+    prefix_cache_reused_tokens: int = 0
+    kv_bytes: int = 0  # the KV cache tensor
+    resident_adapter_bytes: int = 0  # prefix K/V of loaded adapters
+    steps: int = 0
 
 
 class EngineClient(Protocol):

@@ -1,0 +1,116 @@
+"""Attention backend for the engine: packed tokens [N] of many sequences against per-sequence KV slots.
+
+The model hands every layer's rotated q [N, Hq, D] and new k, v [N, G, D] to `SlotAttention`,
+which writes k/v into the slot rows and attends. Tokens come packed as decode tokens first (one per
+sequence, ordered by slot), then prefill chunks. Decode tokens attend in one SDPA call over the
+contiguous slot range they span (rows of other slots in that range are masked and ignored); each
+prefill chunk attends with its own call. The heads that share a KV group are folded into query
+rows ([G, hq*T, D]), so SDPA needs no GQA expansion. Adapter prefix K/V sit in each slot's first
+rows, un-rotated, and carry no position (ChatGLM2's P-Tuning v2 convention).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # token range [start, end) in the packed batch
+    end: int
+    slot: int
+    ctx: int  # KV rows visible to the chunk's last token: prefix + earlier tokens + the chunk
+    mask: torch.Tensor  # [hq * T, ctx] bool, True = attend
+
+
+class SlotAttention:
+    """Per-step metadata plus the layer call. `kv` is the runner's cache [L, 2, slots, capacity, G, D]."""
+
+    def __init__(self, kv: torch.Tensor, num_heads: int, slot_ids: torch.Tensor, rows: torch.Tensor,
+                 num_decode: int, decode_lo: int, decode_index: torch.Tensor | None,
+                 decode_mask: torch.Tensor | None, prefills: list[PrefillChunk]):
+        self.kv = kv
+        self.num_heads = num_heads
+        self.slot_ids = slot_ids  # [N] slot of each token
+        self.rows = rows  # [N] KV row of each token within its slot
+        self.num_decode = num_decode
+        self.decode_lo = decode_lo
+        self.decode_index = decode_index  # [num_decode] row of each decode token in the slot range; None if dense
+        self.decode_mask = decode_mask  # [R, 1, 1, S] bool over the slot range
+        self.prefills = prefills
+
+    @classmethod
+    def build(cls, kv: torch.Tensor, num_heads: int, decode: list[tuple[int, int]],
+              prefill: list[tuple[int, int, int]]) -> "SlotAttention":
+        """decode: (slot, row of the new token); prefill: (slot, first row, number of tokens)."""
+        dev = kv.device
+        G = kv.shape[-2]
+        hq = num_heads // G
+        slots = [s for s, _ in decode]
+        rows = [r for _, r in decode]
+        for slot, first, n in prefill:
+            slots += [slot] * n
+            rows += range(first, first + n)
+        nd = len(decode)
+        lo, index, mask = 0, None, None
+        if nd:
+            lo = min(slots[:nd])
+            R = max(slots[:nd]) - lo + 1
+            lens = [1] * R  # rows not decoding in this step see one row; their output is dropped
+            for s, r in decode:
+                lens[s - lo] = r + 1
+            S = max(lens)
+            lens_t = torch.tensor(lens, device=dev)
+            mask = (torch.arange(S, device=dev)[None] < lens_t[:, None])[:, None, None]  # [R, 1, 1, S]
+            if R != nd:
+                index = torch.tensor([s - lo for s in slots[:nd]], device=dev)  # [nd]
+        chunks = []
+        t = nd
+        for slot, first, n in prefill:
+            ctx = first + n
+            q_row = torch.arange(first, ctx, device=dev)[:, None]  # [T, 1]
+            causal = torch.arange(ctx, device=dev)[None] <= q_row  # [T, ctx]
+            chunks.append(PrefillChunk(t, t + n, slot, ctx, causal.repeat(hq, 1)))  # [hq*T, ctx]
+            t += n
+        return cls(kv, num_heads, torch.tensor(slots, device=dev), torch.tensor(rows, device=dev),
+                   nd, lo, index, mask, chunks)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [N, Hq, D]; k, v [N, G, D] (rotated)
+        k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]  # [slots, capacity, G, D]
+        k_cache[self.slot_ids, self.rows] = k.to(k_cache.dtype)
+        v_cache[self.slot_ids, self.rows] = v.to(v_cache.dtype)
+        N, Hq, D = q.shape
+        G = k_cache.shape[-2]
+        hq = Hq // G
+        qc = q.to(k_cache.dtype)
+        nd = self.num_decode
+        if nd and not self.prefills and self.decode_index is None:
+            return self._decode(qc[:nd], k_cache, v_cache, G, hq).to(q.dtype)
+        out = torch.empty_like(qc)  # [N, Hq, D]
+        if nd:
+            out[:nd] = self._decode(qc[:nd], k_cache, v_cache, G, hq)
+        for c in self.prefills:
+            T = c.end - c.start
+            qp = qc[c.start:c.end].view(T, G, hq, D).permute(1, 2, 0, 3).reshape(1, G, hq * T, D)
+            kp = k_cache[c.slot, :c.ctx].transpose(0, 1)[None]  # [1, G, ctx, D]
+            vp = v_cache[c.slot, :c.ctx].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=c.mask)  # [1, G, hq*T, D]
+            out[c.start:c.end] = o.view(G, hq, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
+        return out.to(q.dtype)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, G: int, hq: int) -> torch.Tensor:
+        nd, Hq, D = q.shape
+        R, S = self.decode_mask.shape[0], self.decode_mask.shape[-1]
+        qd = q.view(nd, G, hq, D)
+        if self.decode_index is not None:
+            qd = q.new_zeros(R, G, hq, D).index_copy_(0, self.decode_index, qd)  # [R, G, hq, D]
+        lo = self.decode_lo
+        kd = k_cache[lo:lo + R, :S].transpose(1, 2)  # [R, G, S, D], a view: no gather
+        vd = v_cache[lo:lo + R, :S].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask)  # [R, G, hq, D]
+        if self.decode_index is not None:
+            o = o.index_select(0, self.decode_index)
+        return o.reshape(nd, Hq, D)
