@@ -153,6 +153,7 @@ class AdapterRegistry:
             raise AdapterUnavailable(f"adapter `{e.name}` cannot be served: {err}", param="model") from err
         with self._lock:
             e.current, e.state, e.error = v, LoadState.LOADED, None  # the atomic swap
+            e.last_used = time.monotonic()
         self._evict()
         return v
 

@@ -178,7 +178,8 @@ class AsyncEngine:
                 versions[i] = await loop.run_in_executor(None, self.registry.acquire, t.model)
 
     def _submit(self, stream: RequestStream) -> None:
-        specs = [TargetSpec(t.model, list(t.prompt_ids), v) for t, v in zip(stream.targets, stream.versions)]
+        specs = [TargetSpec(t.model, list(t.prompt_ids), v, self.registry.fingerprint(v))
+                 for t, v in zip(stream.targets, stream.versions)]
         with self._cv:
             self._inbox.append(("add", (stream.request_id, specs, stream.params)))
             self._cv.notify()

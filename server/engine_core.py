@@ -33,6 +33,7 @@ class TargetSpec:
     model: str
     prompt_ids: list[int]
     adapter: AdapterVersion | None = None
+    fingerprint: str = ""
 
 
 @dataclass
@@ -97,7 +98,7 @@ class EngineCore:
                     seq_id=next(self._seq_ids), request_id=request_id, index=t_idx * params.n + c,
                     token_ids=list(t.prompt_ids), num_prompt=len(t.prompt_ids), params=params,
                     cache_key=t.adapter.cache_key if t.adapter else (), model=t.model,
-                    prefix_len=t.adapter.pre_seq_len if t.adapter else 0, adapter=t.adapter, arrival_time=now,
+                    prefix_len=t.adapter.pre_seq_len if t.adapter else 0, adapter=t.adapter, arrival_time=now, fingerprint=t.fingerprint,
                     generator=make_generator(params.seed, c, self.config.device) if params.seed is not None else None)
                 self.output.start(seq)
                 group.append(seq)

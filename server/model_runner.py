@@ -31,6 +31,7 @@ class ModelRunner:
         self.num_slots = config.num_slots(self.bytes_per_token)
         self.capacity = config.slot_capacity
         L, _, G, D = self.kv_shape
+        self.num_tokens_computed = 0  # lifetime count of tokens run through the model
         self.kv = torch.zeros(L, 2, self.num_slots, self.capacity, G, D, dtype=self.kv_dtype,
                               device=self.device)  # [L, 2, slots, capacity, G, D]
 
@@ -59,6 +60,7 @@ class ModelRunner:
             self.kv, self.num_heads,
             decode=[(i.seq.slot, i.seq.prefix_len + i.start) for i in plan.decode],
             prefill=[(i.seq.slot, i.seq.prefix_len + i.start, i.num_tokens) for i in plan.prefill])
+        self.num_tokens_computed += len(ids)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [N]
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # [N]
         hidden = self.model.transformer.hidden_states(input_ids, positions, attn)  # [N, H]

@@ -116,6 +116,7 @@ class OutputProcessor:
             request_id=seq.request_id, index=seq.index, token_ids=st.new_ids, text="".join(st.new_text),
             logprobs=st.new_logprobs if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, prompt_tokens=prompt_tokens,
-            completion_tokens=seq.num_output, cached_tokens=seq.num_cached, model=seq.model)
+            completion_tokens=seq.num_output, cached_tokens=seq.num_cached, model=seq.model,
+            fingerprint=seq.fingerprint)
         st.new_ids, st.new_text, st.new_logprobs = [], [], []
         return out

@@ -40,7 +40,7 @@ class Sampler:
         logits = logits.float()
         bad = ~torch.isfinite(logits).all(-1, keepdim=True)  # [R, 1]; THUDM's InvalidScoreLogitsProcessor
         guard = torch.zeros(V, device=logits.device)
-        guard[5] = 5e4
+        guard[min(5, V - 1)] = 5e4
         raw = torch.where(bad, guard, logits)  # [R, V]
         x = self._penalize(raw, seqs)
         x = self._block_stops(x, seqs)

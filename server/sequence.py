@@ -67,6 +67,7 @@ class Sequence:
     prefix_len: int = 0
     adapter: Any = None  # the adapter version whose prefix KV fills the slot's first rows (runner's business)
     model: str = ""
+    fingerprint: str = ""
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
     num_computed: int = 0  # tokens whose KV is in the slot
