@@ -49,7 +49,7 @@ def confined_path(root: Path, relative: str, param: str) -> Path:
 def model_card(info: ModelInfo, engine: EngineClient) -> ModelCard:
     return ModelCard(id=info.id, created=info.created, owned_by="chatglm-ptuning-serve",
                      root=info.parent or info.id, parent=info.parent, max_model_len=engine.max_model_len,
-                     kind=info.kind.value, state=info.state.value, pre_seq_len=info.pre_seq_len,
+                     kind=info.kind, state=info.state, pre_seq_len=info.pre_seq_len,
                      prefix_projection=info.prefix_projection, version=info.version, fingerprint=info.fingerprint,
                      error=info.error, warnings=list(info.warnings))
 

@@ -58,7 +58,8 @@ class ServerState:
             await self.engine.start()
         except Exception as e:  # report, then let __main__ exit non-zero
             self.start_error = e
-            log.error("engine failed to start: %s", e, exc_info=not isinstance(e, ServingError))
+            expected = isinstance(e, (ServingError, ValueError, OSError))  # bad folder, bad config: no traceback
+            log.error("engine failed to start: %s", e, exc_info=not expected)
             if self.on_fatal is not None:
                 self.on_fatal()
             return
@@ -156,12 +157,14 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> Response:
+        state.check_ready()
         infos = sorted(engine.models(), key=lambda m: (m.kind is not ModelKind.BASE, m.id))
         body = ModelList(data=[model_card(m, engine) for m in infos])
         return Response(body.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
+        state.check_ready()
         info = next((m for m in engine.models() if m.id == model_id), None)
         if info is None:
             info = resolve_model(engine, model_id)

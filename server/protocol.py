@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .client import LoadState, ModelKind
 from .errors import InvalidRequest
 from .sampling import THUDM_DEFAULTS, SamplingParams
 
@@ -62,7 +63,7 @@ class ResponseFormat(BaseModel):
     type: str = "text"
 
 
-class _GenerationRequest(BaseModel):
+class GenerationRequest(BaseModel):
     """Fields shared by chat and completions; unknown fields are kept in `model_extra` and logged."""
 
     model_config = ConfigDict(extra="allow")
@@ -150,7 +151,7 @@ _UNSUPPORTED_EXTRAS = (
 )
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -186,7 +187,7 @@ class ChatCompletionRequest(_GenerationRequest):
 PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     prompt: PromptInput
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -327,8 +328,8 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
-    kind: str
-    state: str
+    kind: ModelKind
+    state: LoadState
     pre_seq_len: int = 0
     prefix_projection: bool = False
     version: str = ""

@@ -24,13 +24,13 @@ from .client import EngineClient, LoadState, ModelInfo, Target
 from .errors import AdapterUnavailable, InvalidRequest, ModelNotFound, ServingError
 from .http_errors import AdapterRefused, error_event, from_validation_error
 from .metrics import Metrics, Outcome, RequestTracker
-from .protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .sequence import RequestOutput
 from .streaming import Endpoint, Job, Renderer
 
 log = logging.getLogger("server.requests")
 T = TypeVar("T")
-R = TypeVar("R", bound=_GenerationRequest)
+R = TypeVar("R", bound=GenerationRequest)
 SSE_PING_SECONDS = 15
 
 
@@ -134,10 +134,10 @@ class GenerationHandler:
             log.info("ignoring unknown request fields: %s", ", ".join(ignored))
         return req
 
-    def _resolve(self, req: _GenerationRequest) -> list[ModelInfo]:
+    def _resolve(self, req: GenerationRequest) -> list[ModelInfo]:
         return [resolve_model(self.engine, name, "models" if req.models else "model") for name in req.target_models()]
 
-    def _job(self, endpoint: Endpoint, req: _GenerationRequest, infos: list[ModelInfo], targets: list[Target],
+    def _job(self, endpoint: Endpoint, req: GenerationRequest, infos: list[ModelInfo], targets: list[Target],
              prefix: str) -> Job:
         return Job(endpoint=endpoint, response_id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()),
                    model=req.model, target_models=[t.model for t in targets],

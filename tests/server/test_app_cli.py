@@ -1,4 +1,5 @@
 """`python -m server` settings: flags, CHATGLM_* environment fallbacks, key files, and the demo-model message."""
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,14 @@ def test_python_dash_m_server_help_runs():
     out = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "usage: python -m server" in out.stdout
+
+
+def test_engine_that_fails_to_load_exits_non_zero(tmp_path):
+    (tmp_path / "config.json").write_text('{"num_layers": 2}')  # a folder with no weights
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path), "--port", str(port),
+                          "--torch-threads", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1, out.stderr
+    assert "engine failed to start: not a ChatGLM2 config" in out.stderr and "Traceback" not in out.stderr
