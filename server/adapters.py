@@ -103,6 +103,14 @@ class AdapterRegistry:
             raise ModelNotFound(f"The model `{name}` does not exist.", param="model")
         return e
 
+    def resolve(self, name: str) -> ModelInfo:
+        """The adapter's listing; AdapterUnavailable if it was refused and its files have not changed since."""
+        info = self.info(name)
+        e = self._entries[name]
+        if info.state is LoadState.FAILED and e.failed_stamp == stamp(e.path):
+            raise AdapterUnavailable(f"adapter `{name}` cannot be served: {info.error}", param="model")
+        return info
+
     # ---- loading ---------------------------------------------------------------------------
     def peek(self, name: str) -> AdapterVersion | None:
         """The current version if it is loaded and its files are unchanged; cheap (a few stat calls)."""

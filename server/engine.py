@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,13 @@ from .adapter_files import AdapterVersion
 from .adapters import AdapterRegistry
 from .client import EngineStats, LoadState, ModelInfo, ModelKind, Target
 from .engine_config import EngineConfig
-from .engine_core import EngineCore, TargetSpec
-from .errors import AdapterUnavailable, EngineDead, EngineNotReady, InvalidRequest, Overloaded
+from .engine_core import CoreSnapshot, EngineCore, TargetSpec
+from .errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
 from .request_stream import RequestStream, validate_request
 from .sampling import SamplingParams
 from .sequence import RequestOutput
 
 log = logging.getLogger(__name__)
-_QUANT_BITS = {None: 0, 0: 0, "none": 0, "": 0, "int8": 8, 8: 8, "int4": 4, 4: 4}
 
 
 class AsyncEngine:
@@ -40,8 +40,12 @@ class AsyncEngine:
         self.base_model_id = base_model_id
         self.max_model_len = self.config.max_model_len
         self.model_path = str(model_path) if model_path else None
-        bits = _QUANT_BITS.get(quantization, None) if quantization is not None else model.config.quantization_bit
-        self.quantization_bit = int(bits or 0)
+        if quantization is None:
+            self.quantization_bit = int(model.config.quantization_bit or 0)
+        else:
+            from chatglm.quant_format import QuantMode
+
+            self.quantization_bit = QuantMode.parse(quantization).bits
         self.core = EngineCore(model, tokenizer, self.config)
         self.registry = AdapterRegistry(
             model.config, base_model_id=base_model_id, dtype=self.config.kv_dtype, device=self.config.device,
@@ -52,9 +56,10 @@ class AsyncEngine:
             self.registry.load_all()
         self._cv = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
-        self._streams: dict[str, RequestStream] = {}
+        # weak: a stream its reader dropped is collected, and its finaliser aborts the request
+        self._streams: weakref.WeakValueDictionary[str, RequestStream] = weakref.WeakValueDictionary()
+        self._snap = CoreSnapshot()
         self._queued = 0  # sequences accepted but not yet seen by the engine thread
-        self._stats_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
@@ -115,14 +120,7 @@ class AsyncEngine:
     def resolve(self, model: str) -> ModelInfo:
         if model == self.base_model_id:
             return self.base_info()
-        info = self.registry.info(model)
-        if info.state is LoadState.FAILED and self.registry.peek(model) is None:
-            e = self.registry.entry(model)
-            from .adapter_files import stamp
-
-            if e.failed_stamp == stamp(e.path):
-                raise AdapterUnavailable(f"adapter `{model}` cannot be served: {info.error}", param="model")
-        return info
+        return self.registry.resolve(model)
 
     async def load_adapter(self, name: str, path: str | None = None) -> ModelInfo:
         if path is not None:
@@ -159,7 +157,7 @@ class AsyncEngine:
         validate_request(targets, params, self.config, self.core.num_slots,
                          self.core.runner.model.config.padded_vocab_size)
         num_seqs = len(targets) * params.n
-        waiting = self._queued + self.core.scheduler.num_waiting
+        waiting = self._queued + self._snap.num_waiting
         if waiting + num_seqs > self.config.max_waiting:
             raise Overloaded(f"{waiting} sequences are waiting (max_waiting={self.config.max_waiting}); retry later")
         self._ensure_thread()
@@ -190,6 +188,16 @@ class AsyncEngine:
             self._inbox.append(("abort", request_id))
             self._cv.notify()
 
+    async def clear_prefix_cache(self) -> None:
+        """Forget the KV kept for prompt reuse (done by the engine thread before its next step)."""
+        done = asyncio.get_running_loop().create_future()
+        loop = done.get_loop()
+        with self._cv:
+            self._inbox.append(("clear", lambda: loop.call_soon_threadsafe(done.set_result, None)))
+            self._cv.notify()
+        self._ensure_thread()
+        await done
+
     def _release(self, num_seqs: int) -> None:
         """A stream closed before it was submitted: give back its place in the queue."""
         with self._cv:
@@ -199,20 +207,18 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
 
     def stats(self) -> EngineStats:
-        core = self.core
-        with self._stats_lock:
-            per_model = {m: dict(vars(c)) for m, c in core.counters.items()}
-            running, waiting, used = core.scheduler.num_running, core.scheduler.num_waiting, core.kv_used_tokens
+        """Counters as of the engine thread's last iteration (never blocks on a running step)."""
+        s = self._snap
+        per_model = {m: dict(c) for m, c in s.per_model.items()}
         for c in per_model.values():
             c["ttft_mean_s"] = c["ttft_sum_s"] / c["ttft_count"] if c["ttft_count"] else 0.0
         return EngineStats(
-            num_running=running, num_waiting=waiting + self._queued, kv_used_tokens=used,
-            kv_capacity_tokens=core.num_slots * core.runner.capacity,
+            num_running=s.num_running, num_waiting=s.num_waiting + self._queued, kv_used_tokens=s.kv_used_tokens,
+            kv_capacity_tokens=self.core.num_slots * self.core.runner.capacity,
             num_resident_adapters=self.registry.num_resident, per_model=per_model,
-            kv_cached_tokens=sum(len(s.tokens) for s in core.slots.slots if not s.in_use),
-            prefix_cache_hits=core.slots.num_hits, prefix_cache_queries=core.slots.num_lookups,
-            prefix_cache_reused_tokens=core.slots.num_reused_tokens, kv_bytes=core.runner.kv_bytes,
-            resident_adapter_bytes=self.registry.resident_bytes, steps=core.num_steps)
+            kv_cached_tokens=s.kv_cached_tokens, prefix_cache_hits=s.prefix_cache_hits,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_reused_tokens=s.prefix_cache_reused_tokens,
+            kv_bytes=self.core.runner.kv_bytes, resident_adapter_bytes=self.registry.resident_bytes, steps=s.steps)
 
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -228,23 +234,24 @@ class AsyncEngine:
                 self._queued -= sum(len(p[1]) * p[2].n for k, p in items if k == "add")
             try:
                 deltas: list[RequestOutput] = []
-                with self._stats_lock:
-                    for kind, payload in items:
-                        if kind == "add":
-                            deltas += self._add(*payload)
-                        else:
-                            deltas += core.abort(payload)
+                for kind, payload in items:
+                    if kind == "add":
+                        deltas += self._add(*payload)
+                    elif kind == "abort":
+                        deltas += core.abort(payload)
+                    else:
+                        core.slots.clear_cache()
+                        payload()
                 if core.has_work():
                     with torch.inference_mode():
-                        stepped = core.step()
-                    with self._stats_lock:
-                        deltas += stepped
+                        deltas += core.step()
+                self._snap = core.snapshot()
                 self._deliver(deltas)
             except Exception as exc:  # noqa: BLE001 - the loop must report, not vanish
                 log.exception("engine step failed; failing every request")
                 self._dead = exc
-                with self._stats_lock:
-                    ids = core.fail_all(exc)
+                ids = core.fail_all(exc)
+                self._snap = core.snapshot()
                 self._deliver([], failed=ids, exc=EngineDead(f"the engine loop failed: {exc!r}"))
                 return
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,13 +58,19 @@ class ModelCounters:
     e2e_sum_s: float = 0.0
 
 
-@dataclass
-class CoreStats:
+@dataclass(frozen=True)
+class CoreSnapshot:
+    """What other threads may read about the core: published whole after every engine iteration."""
+
     num_running: int = 0
     num_waiting: int = 0
     kv_used_tokens: int = 0
+    kv_cached_tokens: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_reused_tokens: int = 0
     steps: int = 0
-    per_model: dict[str, ModelCounters] = field(default_factory=dict)
+    per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -82,6 +89,7 @@ class EngineCore:
         self.counters: dict[str, ModelCounters] = {}
         self.kv_used_tokens = 0
         self.num_steps = 0
+        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (decode tokens, prefill tokens, seconds)
         self._seq_ids = itertools.count()
 
     @property
@@ -136,6 +144,7 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan:
             return []
@@ -165,7 +174,18 @@ class EngineCore:
                     del self.requests[seq.request_id]
         self.num_steps += 1
         self._refresh_usage()
+        self.step_log.append((len(plan.decode), sum(i.num_tokens for i in plan.prefill), time.perf_counter() - t0))
         return deltas
+
+    def snapshot(self) -> CoreSnapshot:
+        s = self.slots
+        return CoreSnapshot(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_used_tokens=self.kv_used_tokens,
+            kv_cached_tokens=sum(len(x.tokens) for x in s.slots if not x.in_use and x.key is not None),
+            prefix_cache_hits=s.num_hits, prefix_cache_queries=s.num_lookups,
+            prefix_cache_reused_tokens=s.num_reused_tokens, steps=self.num_steps,
+            per_model={m: dict(vars(c)) for m, c in self.counters.items()})
 
     def _refresh_usage(self) -> None:
         self.kv_used_tokens = sum(s.kv_rows for s in self.scheduler.running)

@@ -1,5 +1,6 @@
 """Engine acceptance on the THUDM fixture: greedy parity alone and mixed, seeds, n, abort, adapters."""
 import asyncio
+import gc
 import random
 import shutil
 
@@ -105,12 +106,15 @@ def test_abort_frees_kv_within_one_step(fixture_dir, tmp_path, expected):
         s = engine.stats()
         assert last.finish_reason is FinishReason.ABORT
         assert s.num_running == 0 and s.kv_used_tokens == 0 and s.steps <= steps + 1
-        # closing the iterator early aborts too
-        for close in ("aclose", "cancel"):
+        # closing the iterator early aborts too: explicitly, by cancellation, or by dropping it
+        for close in ("aclose", "cancel", "drop"):
             it = engine.generate(close, [Target(BASE, prompt)], SamplingParams(temperature=0.0, max_tokens=400))
             await it.__anext__()
             if close == "aclose":
                 await it.aclose()
+            elif close == "drop":
+                del it
+                gc.collect()
             else:
                 task = asyncio.ensure_future(it.__anext__())
                 await asyncio.sleep(0)
