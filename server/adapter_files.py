@@ -150,6 +150,22 @@ def _read_state(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fold(folder: Path, state: dict[str, torch.Tensor], config: ChatGLMConfig, pre_seq_len: int,
+          projection: bool) -> torch.Tensor:
+    """The prefix as K/V rows: the embedding, through the projection MLP once when there is one."""
+    if not projection:
+        if set(state) != {"embedding.weight"}:
+            raise CheckpointError(f"{folder}: unexpected prefix_encoder tensors {sorted(set(state) - {'embedding.weight'})}")
+        return state["embedding.weight"].float()
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        encoder = PrefixEncoder(config, pre_seq_len, projection)
+    try:
+        encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: prefix encoder does not load: {e}") from e
+    return encoder()
+
+
 def load_version(folder: Path, config: ChatGLMConfig, adapter_id: int, name: str, *, dtype: torch.dtype,
                  device: torch.device | str, max_prefix_len: int) -> AdapterVersion:
     """Read, validate and fold one adapter folder; raises CheckpointError with the reason."""
@@ -175,13 +191,9 @@ def load_version(folder: Path, config: ChatGLMConfig, adapter_id: int, name: str
     if pre_seq_len > max_prefix_len:
         raise CheckpointError(f"{folder}: pre_seq_len {pre_seq_len} exceeds the engine's max_prefix_len "
                               f"{max_prefix_len}; start the server with a larger max_prefix_len")
-    encoder = PrefixEncoder(config, pre_seq_len, projection)
-    try:
-        encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: prefix encoder does not load: {e}") from e
     with torch.inference_mode():
-        kv = PrefixKV.from_encoder(encoder, config).kv  # [L, 2, P, G, D] fp32, projection folded once
+        flat = _fold(folder, state, config, pre_seq_len, projection)  # [P, kv_size] fp32
+        kv = PrefixKV.from_flat(flat, config).kv  # [L, 2, P, G, D]
         if not torch.isfinite(kv).all():
             raise CheckpointError(f"{folder}: the prefix holds NaN or infinite values")
         prefix = PrefixKV(kv.to(dtype=dtype, device=device).contiguous())
