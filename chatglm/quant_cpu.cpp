@@ -18,7 +18,6 @@ namespace {
 
 constexpr int64_t kBlock = 128;  // activation quantization block, in columns
 constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
-constexpr int kMaxM = 4;          // activation rows handled together per weight row
 
 struct QuantizedX {
   std::vector<int16_t> q;  // [M, K] natural column order (int8 weights; ragged tail for int4)
@@ -81,94 +80,128 @@ inline int nibble(int8_t byte, bool high) {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// int32 lane sums of one full 128-column block of an int8 weight row against MC activation rows.
-template <int MC>
-inline void block8(const int8_t* w, const int16_t* const* xs, __m256i* acc) {
-  for (int i = 0; i < MC; ++i) acc[i] = _mm256_setzero_si256();
+// int32 lane sums of one full 128-column block: NR int8 weight rows against MC activation rows.
+template <int MC, int NR>
+inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*acc)[NR]) {
+  for (int i = 0; i < MC; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_si256();
   for (int c = 0; c < kBlock; c += 16) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c)));
-    for (int i = 0; i < MC; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(wv, load256(xs[i] + c)));
+    __m256i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + c)));
+    for (int i = 0; i < MC; ++i) {
+      const __m256i xv = load256(xs[i] + c);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_madd_epi16(wv[r], xv));
+    }
   }
 }
 
-// Same for int4 (64 bytes): sum of u * x with u = q + 8; the -8 * sum(x) term is in QuantizedX::corr.
-template <int MC>
-inline void block4(const int8_t* w, const int8_t* const* px, __m256i* acc) {
+// Same for int4 (64 bytes a row): sum of u * x with u = q + 8; the -8 * sum(x) term is QuantizedX::corr.
+template <int MC, int NR>
+inline void block4(const int8_t* const* w, const int8_t* const* px, __m256i (*acc)[NR]) {
   const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
-  __m256i hs[MC], ls[MC];  // int16 sums over 2 chunks: <= 2 * 2 * 2 * 15 * 128 = 15360
-  for (int i = 0; i < MC; ++i) hs[i] = ls[i] = _mm256_setzero_si256();
+  __m256i hs[MC][NR], ls[MC][NR];  // int16 sums over 2 chunks: <= 2 * 2 * 2 * 15 * 128 = 15360
+  for (int i = 0; i < MC; ++i)
+    for (int r = 0; r < NR; ++r) hs[i][r] = ls[i][r] = _mm256_setzero_si256();
   for (int c = 0; c < 2; ++c) {
-    const __m256i v = _mm256_xor_si256(load256(w + 32 * c), flip);  // nibble ^ 8 = q + 8
-    const __m256i ev = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);  // columns 2j
-    const __m256i od = _mm256_and_si256(v, nib);                         // columns 2j + 1
+    __m256i ev[NR], od[NR];
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_xor_si256(load256(w[r] + 32 * c), flip);  // nibble ^ 8 = q + 8
+      ev[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);  // columns 2j
+      od[r] = _mm256_and_si256(v, nib);                         // columns 2j + 1
+    }
     for (int i = 0; i < MC; ++i) {
       const int8_t* x = px[i] + 128 * c;
-      hs[i] = _mm256_add_epi16(hs[i], _mm256_add_epi16(_mm256_maddubs_epi16(ev, load256(x)), _mm256_maddubs_epi16(od, load256(x + 32))));
-      ls[i] = _mm256_add_epi16(ls[i], _mm256_add_epi16(_mm256_maddubs_epi16(ev, load256(x + 64)), _mm256_maddubs_epi16(od, load256(x + 96))));
+      const __m256i eh = load256(x), oh = load256(x + 32), el = load256(x + 64), ol = load256(x + 96);
+      for (int r = 0; r < NR; ++r) {
+        hs[i][r] = _mm256_add_epi16(hs[i][r], _mm256_add_epi16(_mm256_maddubs_epi16(ev[r], eh), _mm256_maddubs_epi16(od[r], oh)));
+        ls[i][r] = _mm256_add_epi16(ls[i][r], _mm256_add_epi16(_mm256_maddubs_epi16(ev[r], el), _mm256_maddubs_epi16(od[r], ol)));
+      }
     }
   }
   const __m256i ones = _mm256_set1_epi16(1), w128 = _mm256_set1_epi16(128);
-  for (int i = 0; i < MC; ++i) acc[i] = _mm256_add_epi32(_mm256_madd_epi16(hs[i], w128), _mm256_madd_epi16(ls[i], ones));
+  for (int i = 0; i < MC; ++i)
+    for (int r = 0; r < NR; ++r)
+      acc[i][r] = _mm256_add_epi32(_mm256_madd_epi16(hs[i][r], w128), _mm256_madd_epi16(ls[i][r], ones));
 }
 
-// One weight row against MC activation rows; writes the unscaled dot products to dots[0..MC).
-template <int BITS, int MC>
-void row_dots(const int8_t* w, const QuantizedX& qx, int64_t m0, int64_t K, float* dots) {
+// NR consecutive weight rows against MC activation rows: unscaled dot products into dots[i][r].
+template <int BITS, int MC, int NR>
+void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_t m0, int64_t K, float (*dots)[2]) {
+  const int8_t* w[NR];
   const int16_t* xs[MC];
   const int8_t* px[MC];
   const float* sc[MC];
-  __m256 accf[MC];
-  __m256i acc[MC];
+  __m256 accf[MC][NR];
+  __m256i acc[MC][NR];
+  for (int r = 0; r < NR; ++r) w[r] = w0 + r * row_bytes;
   for (int i = 0; i < MC; ++i) {
     xs[i] = qx.q.data() + (m0 + i) * K;
     px[i] = BITS == 4 ? qx.p.data() + (m0 + i) * qx.full * 256 : nullptr;
     sc[i] = qx.s.data() + (m0 + i) * qx.nb;
-    accf[i] = _mm256_setzero_ps();
+    for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_setzero_ps();
   }
   for (int64_t b = 0; b < qx.full; ++b) {
     if constexpr (BITS == 8) {
-      block8<MC>(w + b * kBlock, xs, acc);
+      block8<MC, NR>(w, xs, acc);
       for (int i = 0; i < MC; ++i) xs[i] += kBlock;
+      for (int r = 0; r < NR; ++r) w[r] += kBlock;
     } else {
-      block4<MC>(w + b * kBlock / 2, px, acc);
+      block4<MC, NR>(w, px, acc);
       for (int i = 0; i < MC; ++i) px[i] += 256;
+      for (int r = 0; r < NR; ++r) w[r] += kBlock / 2;
     }
-    for (int i = 0; i < MC; ++i) accf[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), _mm256_broadcast_ss(sc[i] + b), accf[i]);
+    for (int i = 0; i < MC; ++i) {
+      const __m256 sb = _mm256_broadcast_ss(sc[i] + b);
+      for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), sb, accf[i][r]);
+    }
   }
+  const int64_t k0 = qx.full * kBlock;
   for (int i = 0; i < MC; ++i) {
-    float tail = 0.f;
-    const int64_t k0 = qx.full * kBlock;
-    if (k0 < K) {  // ragged last block, natural column order
-      const int16_t* xr = qx.q.data() + (m0 + i) * K;
-      int32_t t = 0;
-      for (int64_t k = k0; k < K; ++k) t += (BITS == 8 ? w[k] : nibble(w[k / 2], (k & 1) == 0)) * xr[k];
-      tail = static_cast<float>(t) * sc[i][qx.full];
+    for (int r = 0; r < NR; ++r) {
+      float tail = 0.f;
+      if (k0 < K) {  // ragged last block, natural column order
+        const int8_t* wr = w0 + r * row_bytes;
+        const int16_t* xr = qx.q.data() + (m0 + i) * K;
+        int32_t t = 0;
+        for (int64_t k = k0; k < K; ++k) t += (BITS == 8 ? wr[k] : nibble(wr[k / 2], (k & 1) == 0)) * xr[k];
+        tail = static_cast<float>(t) * sc[i][qx.full];
+      }
+      dots[i][r] = hsum(accf[i][r]) + tail + (BITS == 4 ? qx.corr[m0 + i] : 0.f);
     }
-    dots[i] = hsum(accf[i]) + tail + (BITS == 4 ? qx.corr[m0 + i] : 0.f);
   }
+}
+
+template <int BITS, int MC>
+void rows_dispatch(int nr, const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_t m0, int64_t K,
+                   float (*dots)[2]) {
+  if (nr == 2) rows_dots<BITS, MC, 2>(w0, row_bytes, qx, m0, K, dots);
+  else rows_dots<BITS, MC, 1>(w0, row_bytes, qx, m0, K, dots);
 }
 
 template <int BITS>
 void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const float* bias,
                float* y, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t kMaxM = BITS == 8 ? 4 : 2;  // activation rows per pass (register budget)
   const int64_t row_bytes = K * BITS / 8;
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    float dots[kMaxM];
+    float dots[4][2];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
         const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
-        for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t n = n0; n < n1; n += 2) {
+          const int nr = n + 2 <= n1 ? 2 : 1;
           const int8_t* wr = w + n * row_bytes;
           switch (mc) {
-            case 4: row_dots<BITS, 4>(wr, qx, m0, K, dots); break;
-            case 3: row_dots<BITS, 3>(wr, qx, m0, K, dots); break;
-            case 2: row_dots<BITS, 2>(wr, qx, m0, K, dots); break;
-            default: row_dots<BITS, 1>(wr, qx, m0, K, dots); break;
+            case 4: rows_dispatch<BITS, BITS == 8 ? 4 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+            case 3: rows_dispatch<BITS, BITS == 8 ? 3 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+            case 2: rows_dispatch<BITS, 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+            default: rows_dispatch<BITS, 1>(nr, wr, row_bytes, qx, m0, K, dots); break;
           }
-          const float add = bias ? bias[n] : 0.f;
-          for (int64_t i = 0; i < mc; ++i) y[(m0 + i) * N + n] = dots[i] * wscale[n] + add;
+          for (int64_t i = 0; i < mc; ++i)
+            for (int r = 0; r < nr; ++r)
+              y[(m0 + i) * N + n + r] = dots[i][r] * wscale[n + r] + (bias ? bias[n + r] : 0.f);
         }
       }
     }

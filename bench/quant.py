@@ -1,0 +1,208 @@
+"""Decode/prefill speed, memory and bandwidth efficiency of bf16, int8 and int4 on a chatglm2-6b-shaped model.
+
+    python bench/quant.py [--modes bf16,int8,int4] [--threads 2] [--decode 16] [--prefill 128]
+    python bench/quant.py --cuda ../shared/fixtures/chatglm2-tiny/model   # GPU: kernels vs CPU dequant, speed
+
+The real ChatGLM class with random weights, built on meta and materialized in place in its final
+dtype (bf16, or int8/int4 THUDM-format linears via swap_in_empty_quantized): never a 6B fp32 copy.
+Each mode runs in a fresh subprocess so its resident memory is its own. The bandwidth bound is
+measured read bandwidth / bytes of weights read per decoded token (all layers + output layer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from chatglm.config import ChatGLMConfig
+from chatglm.generation import iter_generate
+from chatglm.model import ChatGLM
+from chatglm.quantize import QuantizedLinear, QuantMode, swap_in_empty_quantized
+
+SHAPE_6B = dict(num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
+                num_attention_heads=32, seq_length=32768, multi_query_attention=True, multi_query_group_num=2,
+                add_qkv_bias=True)
+
+
+def rss_gb() -> tuple[float, float]:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return (int(status["VmRSS"].split()[0]) / 2**20, int(status["VmHWM"].split()[0]) / 2**20)
+
+
+def bandwidth_gbs(threads: int, gib: int = 1, runs: int = 7) -> tuple[float, float]:
+    """Best and median read bandwidth (torch sum of a `gib` GiB fp32 array)."""
+    torch.set_num_threads(threads)
+    a = torch.ones(gib * 2**28)
+    a.sum()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        a.sum()
+        ts.append(time.perf_counter() - t)
+    return a.numel() * 4 / min(ts) / 1e9, a.numel() * 4 / statistics.median(ts) / 1e9
+
+
+def _fill(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
+    """Tile a random pool over `flat` (random values only need to look like weights, not be i.i.d.)."""
+    for start in range(0, flat.numel(), pool.numel()):
+        chunk = flat[start:start + pool.numel()]
+        chunk.copy_(pool.roll(offset + start // 7)[: chunk.numel()])
+
+
+@torch.no_grad()
+def build(mode: QuantMode, seed: int = 0) -> ChatGLM:
+    cfg = ChatGLMConfig(**SHAPE_6B)
+    with torch.device("meta"):
+        model = ChatGLM(cfg)
+    model.to(torch.bfloat16)
+    swap_in_empty_quantized(model, mode, dtype=torch.bfloat16, device="meta")
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    qmax = 127 if mode is QuantMode.INT8 else 7
+    floats = (torch.randn(1 << 24, generator=g) * 0.02).bfloat16()
+    if mode is QuantMode.INT4:  # two random nibbles a byte, each in [-7, 7]
+        hi, lo = (torch.randint(-7, 8, (1 << 24,), generator=g, dtype=torch.int8) for _ in range(2))
+        ints = (hi << 4) | (lo & 0xF)
+    else:
+        ints = torch.randint(-qmax, qmax + 1, (1 << 24,), generator=g, dtype=torch.int8)
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if p.dtype == torch.int8:  # uniform q in [-qmax, qmax]: weight std = scale * qmax / sqrt(3)
+            _fill(p.view(-1), ints, 7919 * i)
+        elif name.endswith("weight_scale"):
+            p.fill_(0.02 * 3**0.5 / qmax)
+        elif "layernorm" in name:
+            p.fill_(1.0)
+        else:
+            _fill(p.view(-1), floats, 7919 * i)
+    return model.requires_grad_(False).eval()
+
+
+def bytes_per_token(model: ChatGLM) -> int:
+    """Weights read to decode one token: every layer, final norm and output layer; one embedding row."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "word_embeddings" in name:
+            total += p.shape[1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run_mode(mode_name: str, threads: int, decode: int, prefill: int) -> dict:
+    mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
+    t0 = time.perf_counter()
+    model = build(mode)
+    build_s = time.perf_counter() - t0
+    kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
+    bw_now = bandwidth_gbs(threads, runs=3)[0]  # contention on a shared VM drifts: measure next to the run
+    torch.set_num_threads(threads)
+    prompt = torch.randint(100, 60000, (1, 16), generator=torch.Generator().manual_seed(1))
+    steps, last = [], time.perf_counter()
+    with torch.no_grad():
+        for _ in iter_generate(model, prompt, max_new_tokens=decode + 1, eos_token_id=-1):
+            now = time.perf_counter()
+            steps.append(now - last)
+            last = now
+    step_s = steps[1:]  # first yield is the 16-token prefill
+    long_prompt = torch.randint(100, 60000, (1, prefill), generator=torch.Generator().manual_seed(2))
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(long_prompt, last_only=True)
+    prefill_s = time.perf_counter() - t
+    rss, peak = rss_gb()
+    return dict(mode=mode_name, kernels=kernels, threads=threads, build_s=build_s, bandwidth_gbs=bw_now,
+                decode_tok_s_median=1 / statistics.median(step_s), decode_tok_s_best=1 / min(step_s),
+                prefill_tok_s=prefill / prefill_s, prefill_s=prefill_s, rss_gb=rss, peak_rss_gb=peak,
+                weight_gb_per_token=bytes_per_token(model) / 1e9)
+
+
+def cuda_check(fixture: str, decode: int) -> None:
+    """GPU: each CUDA kernel vs the CPU dequantized fp32 path on the fixture, then 6B-shape decode speed."""
+    from chatglm.checkpoint import load_model
+    from chatglm.quant_kernels import QuantKernel, unsupported_reason
+
+    dev = torch.device("cuda")
+    print(f"device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
+    prompts = [torch.tensor([[3001, 3003, 283, 288, 2703, 2731, 2740, 13, 13, 2729, 2724, 777, 13, 13, 2734, 2724]]),
+               torch.tensor([[3001, 3003, 916, 2806, 268, 2720, 677, 315]])]
+    for bits in (8, 4):
+        mode = QuantMode.parse(bits)
+        ref = load_model(fixture, dtype=torch.float16, quantize=bits).float()
+        for m in ref.modules():
+            if isinstance(m, QuantizedLinear):
+                m.prepare(QuantKernel.DEQUANT)
+        for kernel in (QuantKernel.CUDA_TORCH, QuantKernel.CUDA_CPM, QuantKernel.DEQUANT):
+            reason = unsupported_reason(kernel, mode, dev)
+            if reason:
+                print(f"int{bits} {kernel.name}: skipped ({reason})")
+                continue
+            gpu = load_model(fixture, dtype=torch.float16, quantize=bits, device=dev)
+            for m in gpu.modules():
+                if isinstance(m, QuantizedLinear):
+                    m.prepare(kernel)
+            with torch.no_grad():
+                for ids in prompts:
+                    a, b = ref(ids), gpu(ids.to(dev)).float().cpu()
+                    toks_a = [int(t) for t in iter_generate(ref, ids, max_new_tokens=20)]
+                    toks_b = [int(t) for t in iter_generate(gpu, ids.to(dev), max_new_tokens=20)]
+                    print(f"int{bits} {kernel.name}: max |logit diff| {(a - b).abs().max():.3e}, "
+                          f"argmax agree {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}, "
+                          f"greedy equal {toks_a == toks_b}")
+    for mode_name in ("bf16", "int8", "int4"):
+        model = build(QuantMode.parse(None if mode_name == "bf16" else mode_name)).to(dev)
+        prompt = torch.randint(100, 60000, (1, 16), device=dev)
+        steps, last = [], time.perf_counter()
+        with torch.no_grad():
+            for _ in iter_generate(model, prompt, max_new_tokens=decode + 1, eos_token_id=-1):
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                steps.append(now - last)
+                last = now
+        kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
+        print(f"{mode_name} {kernels}: decode {1 / statistics.median(steps[1:]):.1f} tok/s median, "
+              f"{1 / min(steps[1:]):.1f} best; GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+        del model
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="bf16,int8,int4")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode", type=int, default=16, help="decode steps timed per mode")
+    p.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill timing")
+    p.add_argument("--cuda", metavar="FIXTURE_MODEL", help="GPU check against the fixture's model folder instead")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.cuda:
+        cuda_check(args.cuda, args.decode)
+        return
+    if args.child:
+        print(json.dumps(run_mode(args.child, args.threads, args.decode, args.prefill)))
+        return
+    bw_best, bw_med = bandwidth_gbs(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"memory read bandwidth (torch sum, 1 GiB, {args.threads} threads): best {bw_best:.1f} GB/s, "
+          f"median {bw_med:.1f} GB/s; each mode's bound uses the best of this and its own measurement")
+    print(f"{'mode':5} {'kernel':9} {'GB/tok':>7} {'decode tok/s med/best':>22} {'BW GB/s':>7} {'bound':>6} "
+          f"{'% bound med/best':>17} {'prefill tok/s':>13} {'RSS GB':>7} {'peak':>6}")
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads),
+               "--decode", str(args.decode), "--prefill", str(args.prefill)]
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        bw = max(bw_best, r["bandwidth_gbs"])
+        bound = bw / r["weight_gb_per_token"]
+        print(f"{mode:5} {','.join(r['kernels']) or 'F.linear':9} {r['weight_gb_per_token']:7.2f} "
+              f"{r['decode_tok_s_median']:10.2f} / {r['decode_tok_s_best']:<9.2f} {bw:7.1f} {bound:6.2f} "
+              f"{100 * r['decode_tok_s_median'] / bound:7.0f}% / {100 * r['decode_tok_s_best'] / bound:<5.0f}% "
+              f"{r['prefill_tok_s']:13.2f} {r['rss_gb']:7.2f} {r['peak_rss_gb']:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
