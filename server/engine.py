@@ -30,6 +30,21 @@ from .sequence import RequestOutput
 log = logging.getLogger(__name__)
 
 
+def _auto_dtype(quantize: str | int | None, device: str) -> torch.dtype:
+    """bf16 on GPUs. On CPUs fp32: without native bf16 FMA, bf16 matmuls run at a third of fp32's
+    FLOP/s, and the AVX2 int8/int4 kernel takes fp32 activations. Only aten's quantized kernels
+    (the fallback when the AVX2 one cannot be built) want bf16 activations."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from chatglm.quant_format import QuantMode
+    from chatglm.quant_kernels import QuantKernel, default_kernel
+
+    mode = QuantMode.parse(quantize)
+    if mode is QuantMode.NONE or default_kernel(mode, device) is QuantKernel.CPU_AVX2:
+        return torch.float32
+    return torch.bfloat16
+
+
 class AsyncEngine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None, *,
                  base_model_id: str = "chatglm2-6b", checkpoints_dir: str | Path | None = None,
@@ -46,6 +61,10 @@ class AsyncEngine:
             from chatglm.quant_format import QuantMode
 
             self.quantization_bit = QuantMode.parse(quantization).bits
+        model_device = next(model.parameters()).device
+        if model_device != torch.device(self.config.device) and not (
+                model_device.type == "cuda" and torch.device(self.config.device) == torch.device("cuda")):
+            raise ValueError(f"the model is on {model_device} but EngineConfig.device is {self.config.device}")
         self.core = EngineCore(model, tokenizer, self.config)
         self.registry = AdapterRegistry(
             model.config, base_model_id=base_model_id, dtype=self.config.kv_dtype, device=self.config.device,
@@ -74,8 +93,8 @@ class AsyncEngine:
         from chatglm.checkpoint import load_model
         from chatglm.tokenizer import ChatGLMTokenizer
 
-        if dtype is None:  # CPU int8/int4 kernels want bf16 activations; plain fp32 matmuls are faster than bf16
-            dtype = torch.bfloat16 if quantize not in (None, 0, "none", "") else torch.float32
+        if dtype is None:
+            dtype = _auto_dtype(quantize, device)
         config = EngineConfig(dtype=dtype, device=device, **limits)
         model = load_model(model_path, dtype=config.dtype, device=device, quantize=quantize)
         tokenizer = ChatGLMTokenizer.from_folder(model_path)

@@ -37,11 +37,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits [R, V] (one row per sequence that samples) -> next token per row."""
         R, V = logits.shape
-        logits = logits.float()
-        bad = ~torch.isfinite(logits).all(-1, keepdim=True)  # [R, 1]; THUDM's InvalidScoreLogitsProcessor
-        guard = torch.zeros(V, device=logits.device)
-        guard[min(5, V - 1)] = 5e4
-        raw = torch.where(bad, guard, logits)  # [R, V]
+        raw = logits.float()
+        # THUDM's InvalidScoreLogitsProcessor turns a row with NaN/inf into "always token 5"; NaN
+        # and inf survive amax/amin, so two reductions find such rows without a pass that copies.
+        bad = ~(torch.isfinite(raw.amax(-1)) & torch.isfinite(raw.amin(-1)))  # [R]
         x = self._penalize(raw, seqs)
         x = self._block_stops(x, seqs)
         greedy_rows = [s.params.temperature == 0.0 for s in seqs]
@@ -49,6 +48,7 @@ class Sampler:
             ids = x.argmax(-1)  # [R]
         else:
             ids = self._sample(x, seqs, greedy_rows)
+        ids = torch.where(bad, torch.full_like(ids, min(5, V - 1)), ids)
         return self._finish(raw, ids, seqs)
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
