@@ -177,3 +177,15 @@ def test_unknown_names(config):
         reg.acquire("nope")
     with pytest.raises(ValueError):
         reg.add("tiny", "/x")  # the base model's name is not an adapter name
+
+
+def test_safetensors_adapter(tmp_path, config, fixture_dir):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    sd = torch.load(fixture_dir / "ptuning-pre8" / "pytorch_model.bin", weights_only=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    shutil.copy(fixture_dir / "ptuning-pre8" / "config.json", folder / "config.json")
+    v = registry(config, adapters={"st": str(folder)}).acquire("st")
+    assert torch.equal(v.prefix.kv, load_prefix(fixture_dir / "ptuning-pre8", config).kv)
