@@ -18,6 +18,7 @@ PREFIX = "chatglm"
 OTHER = "other"
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+HTTP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -91,6 +92,11 @@ class Metrics:
                              m, buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Request arrival to last token.",
                              m, buckets=E2E_BUCKETS, registry=r)
+        self.preprocess = Histogram(f"{PREFIX}_http_preprocess_seconds", "Request arrival to engine.generate "
+                                    "accepting it (parse, validate, template, tokenize).", buckets=HTTP_BUCKETS,
+                                    registry=r)
+        self.first_write = Histogram(f"{PREFIX}_http_first_chunk_seconds", "First engine output to its first SSE "
+                                     "chunk handed to the server.", buckets=HTTP_BUCKETS, registry=r)
         self.http = Counter(f"{PREFIX}_http_requests", "HTTP requests by route template and status.",
                             ["route", "status"], registry=r)
         self.in_flight = Gauge(f"{PREFIX}_http_requests_in_progress", "HTTP requests being handled.", registry=r)
@@ -103,8 +109,8 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def tracker(self, endpoint: str, model_of: Callable[[int], str]) -> "RequestTracker":
-        return RequestTracker(self, endpoint, model_of)
+    def tracker(self, endpoint: str, model_of: Callable[[int], str], start: float) -> "RequestTracker":
+        return RequestTracker(self, endpoint, model_of, start)
 
 
 @dataclass
@@ -121,7 +127,7 @@ class RequestTracker:
     metrics: Metrics
     endpoint: str
     model_of: Callable[[int], str]
-    start: float = field(default_factory=time.perf_counter)
+    start: float  # request arrival (time.perf_counter)
     choices: dict[int, _ChoiceClock] = field(default_factory=dict)
     prompts: dict[int, tuple[str, int]] = field(default_factory=dict)  # target -> (label, prompt tokens)
     done: bool = False

@@ -91,6 +91,7 @@ class Generation:
         self.job = job
         self.tracker = tracker
         self.finished = False
+        self.first_at: float | None = None  # when the first engine output arrived
         self.iterator = engine.generate(job.response_id, targets, job.params)
 
     async def next(self) -> RequestOutput | None:
@@ -99,6 +100,8 @@ class Generation:
         except StopAsyncIteration:
             self.finished = True
             return None
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
         self.tracker.output(out, self.job.target_of(out.index))
         return out
 
@@ -147,6 +150,7 @@ class GenerationHandler:
                    fan_out=req.models is not None)
 
     async def chat(self, request: Request) -> Response:
+        arrival = time.perf_counter()
         self.check_ready()
         req = await self._parse(request, ChatCompletionRequest)
         query, history = split_messages(req.messages)
@@ -155,21 +159,24 @@ class GenerationHandler:
         targets = [Target(name, chat_prompt_ids(tokenizer, query, history, info.manifest))
                    for name, info in zip(req.target_models(), infos)]
         job = self._job(Endpoint.CHAT, req, infos, targets, "chatcmpl")
-        return await self._run(request, job, targets, bool(req.logprobs))
+        return await self._run(request, job, targets, bool(req.logprobs), arrival)
 
     async def completion(self, request: Request) -> Response:
+        arrival = time.perf_counter()
         self.check_ready()
         req = await self._parse(request, CompletionRequest)
         infos = self._resolve(req)
         prompts = completion_prompt_ids(self.engine.tokenizer, req.prompt)  # type: ignore[attr-defined]
         targets = [Target(name, ids) for name in req.target_models() for ids in prompts]
         job = self._job(Endpoint.COMPLETION, req, infos, targets, "cmpl")
-        return await self._run(request, job, targets, req.logprobs is not None)
+        return await self._run(request, job, targets, req.logprobs is not None, arrival)
 
-    async def _run(self, request: Request, job: Job, targets: list[Target], want_logprobs: bool) -> Response:
+    async def _run(self, request: Request, job: Job, targets: list[Target], want_logprobs: bool,
+                   arrival: float) -> Response:
         log.info("%s %s model=%s targets=%d choices=%d prompt_tokens=%s stream=%s", job.endpoint.value,
                  job.response_id, job.model, len(targets), job.num_choices, job.prompt_lens, job.stream)
-        gen = Generation(self.engine, job, targets, self.metrics.tracker(job.endpoint.value, job.model_of))
+        gen = Generation(self.engine, job, targets, self.metrics.tracker(job.endpoint.value, job.model_of, arrival))
+        self.metrics.preprocess.observe(time.perf_counter() - arrival)
         renderer = Renderer(job, want_logprobs)
         try:
             if job.stream:
@@ -198,8 +205,12 @@ class GenerationHandler:
         try:
             try:
                 out = first
+                first_write = self.metrics.first_write
                 while out is not None:
                     for event in renderer.chunks(out):
+                        if first_write is not None:  # the HTTP layer's share of TTFT after the engine
+                            first_write.observe(time.perf_counter() - gen.first_at)
+                            first_write = None
                         yield event
                     out = await gen.next()
                 renderer.check_complete()
