@@ -38,6 +38,8 @@ class AdapterEntry:
     current: AdapterVersion | None = None
     last_used: float = 0.0
     failed_stamp: tuple | None = None  # files that were refused; not retried until they change
+    warnings: list[str] = field(default_factory=list)
+    warnings_for: str = ""  # the version `warnings` were computed for
     load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -212,11 +214,18 @@ class AdapterRegistry:
             pre_seq_len=pre_seq_len, prefix_projection=projection, version=v.version if v else "",
             state=e.state, error=e.error, created=v.created if v else _mtime(e.path),
             fingerprint=self.fingerprint(v) if v else "",
-            manifest=manifest.to_dict() if manifest else {}, warnings=self._warnings(e.path, manifest))
+            manifest=manifest.to_dict() if manifest else {}, warnings=self._warnings_of(e, v, manifest))
 
     def infos(self) -> list[ModelInfo]:
         self.scan()
         return [self.info(n) for n in self.names()]
+
+    def _warnings_of(self, e: AdapterEntry, v: AdapterVersion | None, manifest: Manifest | None) -> list[str]:
+        if v is None:
+            return self._warnings(e.path, manifest)
+        if e.warnings_for != v.version:  # computed once per loaded version, not per request
+            e.warnings, e.warnings_for = self._warnings(e.path, manifest), v.version
+        return list(e.warnings)
 
     def _warnings(self, path: Path, manifest: Manifest | None) -> list[str]:
         out = []
