@@ -119,7 +119,7 @@ class AdapterVersion:
 
     adapter_id: int
     name: str
-    version: str  # content hash of weights, config.json and manifest
+    version: str  # content hash (blake2b) of weights, config.json and manifest
     prefix: PrefixKV  # [L, 2, P, G, D] in the serving dtype and device
     prefix_projection: bool
     manifest: Manifest | None
@@ -175,7 +175,7 @@ def load_version(folder: Path, config: ChatGLMConfig, adapter_id: int, name: str
     before = stamp(folder)
     path = weights_file(folder)
     data = path.read_bytes()  # hash exactly the bytes that are loaded
-    digest = hashlib.sha256(data)
+    digest = hashlib.blake2b(data, digest_size=16)  # content hash; blake2b is ~2x faster than sha256 here
     for extra in ("config.json", MANIFEST_FILE):
         if (folder / extra).is_file():
             digest.update((folder / extra).read_bytes())
