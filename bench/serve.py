@@ -81,9 +81,24 @@ async def closed_loop(run_one, jobs: list[tuple[str, list[int]]], concurrency: i
     return list(samples), time.perf_counter() - t0
 
 
-def timed(first: float | None, last: float | None, t0: float, tokens: int, gaps: list[float]) -> Sample:
-    assert first is not None and last is not None, "no text came back"
-    return Sample(first - t0, last - t0, tokens, gaps)
+class Clock:
+    """Arrival times of one request's text chunks."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.last = 0.0
+        self.gaps: list[float] = []
+
+    def text(self) -> None:
+        now = time.perf_counter()
+        if self.first is not None:
+            self.gaps.append(now - self.last)
+        self.first, self.last = self.first or now, now
+
+    def sample(self, tokens: int) -> Sample:
+        assert self.first is not None, "no text came back"
+        return Sample(self.first - self.t0, self.last - self.t0, tokens, self.gaps)
 
 
 # ---- the engine alone, in this process ------------------------------------------------------
@@ -101,17 +116,12 @@ async def engine_client(args):
 
     async def one(model: str, ids: list[int], max_tokens: int | None = None) -> Sample:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens or args.output_len, ignore_eos=True)
-        t0 = time.perf_counter()
-        first = last = None
-        gaps, tokens = [], 0
+        clock, tokens = Clock(), 0
         async for d in engine.generate(f"b{next(counter)}", [Target(model, ids)], params):
-            now = time.perf_counter()
             tokens = d.completion_tokens
             if d.text:
-                if first is not None:
-                    gaps.append(now - last)
-                first, last = first or now, now
-        return timed(first, last, t0, tokens, gaps)
+                clock.text()
+        return clock.sample(tokens)
 
     return engine, one
 
@@ -148,7 +158,7 @@ async def wait_ready(client, proc: subprocess.Popen) -> None:
 
 class RawSSE:
     """A lean keep-alive HTTP/1.1 client for SSE POSTs (asyncio streams, chunked decoding): the bench should
-    time the server, not the client library (httpx costs a few ms per request here; see --client)."""
+    time the server, not the client library (httpx's streaming costs a few ms per request on this box)."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
@@ -186,38 +196,22 @@ class RawSSE:
         self.idle.append(conn)
 
 
-def http_client(args, client):
+def http_client(args, client: RawSSE):
     async def one(model: str, ids: list[int], max_tokens: int | None = None) -> Sample:
         body = {"model": model, "prompt": ids, "max_tokens": max_tokens or args.output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
-        first = last = None
-        gaps, tokens = [], 0
-        if isinstance(client, RawSSE):
-            events = client.events("/v1/completions", body)
-        else:
-            events = httpx_events(client, body)
-        async for payload in events:
+        clock, tokens = Clock(), 0
+        async for payload in client.events("/v1/completions", body):
             if payload == "[DONE]":
                 continue
-            now = time.perf_counter()
             chunk = json.loads(payload)
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                clock.text()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"]:
-                if first is not None:
-                    gaps.append(now - last)
-                first, last = first or now, now
-        return timed(first, last, t0, tokens, gaps)
+        return clock.sample(tokens)
 
     return one
-
-
-async def httpx_events(client, body: dict):
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data: "):
-                yield line[6:]
 
 
 def server_side(metrics: str) -> dict:
@@ -260,8 +254,7 @@ async def run(args, jobs_for) -> tuple[dict, dict]:
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as client:
             await wait_ready(client, proc)
             host, port = url.rsplit("//", 1)[1].split(":")
-            lean = RawSSE(host, int(port)) if args.client == "raw" else client
-            paths = {"engine": engine_one, "http": http_client(args, lean)}
+            paths = {"engine": engine_one, "http": http_client(args, RawSSE(host, int(port)))}
             for one in paths.values():
                 await closed_loop(one, jobs_for(1, warmup=True), 1)
             got = {(p, c): ([], 0.0, {}) for p in paths for c in args.concurrency}
@@ -326,12 +319,11 @@ def main() -> None:
     p.add_argument("--min-requests", type=int, default=30,
                    help="requests per level and path: max(this, 3 x concurrency), split over the rounds")
     p.add_argument("--pairs", type=int, default=60, help="paired engine/HTTP requests for the TTFT overhead")
-    p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="HTTP client of the bench")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    pairs = args.adapter or [f"{n}={FIXTURE / n}" for n in ("ptuning-pre8", "ptuning-pre8-proj")]
-    args.adapters = dict(a.split("=", 1) for a in pairs)
+    specs = args.adapter or [f"{n}={FIXTURE / n}" for n in ("ptuning-pre8", "ptuning-pre8-proj")]
+    args.adapters = dict(a.split("=", 1) for a in specs)
     models = ["base", *args.adapters]
 
     calls = itertools.count()
