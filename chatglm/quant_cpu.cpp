@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -184,24 +185,30 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
   constexpr int64_t kMaxM = BITS == 8 ? 4 : 2;  // activation rows per pass (register budget)
   const int64_t row_bytes = K * BITS / 8;
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  // Tiles are handed out dynamically: on a shared VM a descheduled thread would otherwise hold
+  // up the whole matmul at the end of a static split.
+  std::atomic<int64_t> next{0};
+  constexpr int64_t kGrab = 4;  // tiles per grab: 64 rows, a contiguous stream for the prefetcher
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     float dots[4][2];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
-        const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
-        for (int64_t n = n0; n < n1; n += 2) {
-          const int nr = n + 2 <= n1 ? 2 : 1;
-          const int8_t* wr = w + n * row_bytes;
-          switch (mc) {
-            case 4: rows_dispatch<BITS, BITS == 8 ? 4 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-            case 3: rows_dispatch<BITS, BITS == 8 ? 3 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-            case 2: rows_dispatch<BITS, 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-            default: rows_dispatch<BITS, 1>(nr, wr, row_bytes, qx, m0, K, dots); break;
+    for (int64_t g = next.fetch_add(kGrab); g < tiles; g = next.fetch_add(kGrab)) {
+      for (int64_t t = g; t < std::min(tiles, g + kGrab); ++t) {
+        const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
+        for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+          const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
+          for (int64_t n = n0; n < n1; n += 2) {
+            const int nr = n + 2 <= n1 ? 2 : 1;
+            const int8_t* wr = w + n * row_bytes;
+            switch (mc) {
+              case 4: rows_dispatch<BITS, BITS == 8 ? 4 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+              case 3: rows_dispatch<BITS, BITS == 8 ? 3 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+              case 2: rows_dispatch<BITS, 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
+              default: rows_dispatch<BITS, 1>(nr, wr, row_bytes, qx, m0, K, dots); break;
+            }
+            for (int64_t i = 0; i < mc; ++i)
+              for (int r = 0; r < nr; ++r)
+                y[(m0 + i) * N + n + r] = dots[i][r] * wscale[n + r] + (bias ? bias[n + r] : 0.f);
           }
-          for (int64_t i = 0; i < mc; ++i)
-            for (int r = 0; r < nr; ++r)
-              y[(m0 + i) * N + n + r] = dots[i][r] * wscale[n + r] + (bias ? bias[n + r] : 0.f);
         }
       }
     }

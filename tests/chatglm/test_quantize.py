@@ -251,3 +251,20 @@ def test_load_quantizer_assign_quantizes_raw_tensors_exactly(fixture_dir, raw_sd
         mod = model.get_submodule(f"transformer.encoder.layers.{layer}.{suffix}")
         assert torch.equal(mod.weight, expected_tensors[_rec(expected, 4, layer, suffix)["weight_tensor"]])
     assert not any(p.is_meta for p in model.parameters())
+
+
+@needs_native
+@pytest.mark.parametrize("bits", BITS)
+def test_avx2_kernel_is_deterministic_across_thread_counts(bits):
+    # Rows are handed out dynamically to threads; each output must not depend on who computed it.
+    layer = quantize_linear(torch.nn.Linear(392, 1003), bits).prepare(QuantKernel.CPU_AVX2)
+    x = torch.randn(7, 392)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
