@@ -122,7 +122,8 @@ class GenerationRequest(BaseModel):
         if self.n * len(self.target_models()) > MAX_CHOICES:
             raise InvalidRequest(f"n times the number of models must be at most {MAX_CHOICES}", "n")
         if max_tokens is not None and self.min_tokens > max_tokens:
-            raise InvalidRequest(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({max_tokens})",
+                                 "min_tokens")
         top_k = defaults.get("top_k", 0) if self.top_k is None else max(self.top_k, 0)  # -1 (vLLM) = off
         return SamplingParams(
             temperature=defaults.get("temperature", 1.0) if self.temperature is None else self.temperature,

@@ -175,7 +175,12 @@ class GenerationHandler:
                    arrival: float) -> Response:
         log.info("%s %s model=%s targets=%d choices=%d prompt_tokens=%s stream=%s", job.endpoint.value,
                  job.response_id, job.model, len(targets), job.num_choices, job.prompt_lens, job.stream)
-        gen = Generation(self.engine, job, targets, self.metrics.tracker(job.endpoint.value, job.model_of, arrival))
+        tracker = self.metrics.tracker(job.endpoint.value, job.model_of, arrival)
+        try:
+            gen = Generation(self.engine, job, targets, tracker)  # the engine validates and queues at once
+        except Exception:
+            tracker.finish(Outcome.ERROR)
+            raise
         self.metrics.preprocess.observe(time.perf_counter() - arrival)
         renderer = Renderer(job, want_logprobs)
         try:
@@ -218,7 +223,8 @@ class GenerationHandler:
                     yield renderer.usage_chunk()
                 outcome = Outcome.SUCCESS
             except Exception as exc:  # after the first byte: report in-stream, then end normally
-                log.warning("stream %s failed: %s", gen.job.response_id, exc, exc_info=not isinstance(exc, ServingError))
+                log.warning("stream %s failed: %s", gen.job.response_id, exc,
+                            exc_info=not isinstance(exc, ServingError))
                 outcome = Outcome.ERROR
                 yield error_event(exc)
             yield "[DONE]"
