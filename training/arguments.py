@@ -110,10 +110,14 @@ class PTuningTrainingArguments(Seq2SeqTrainingArguments):
             self.per_device_eval_batch_size = self.per_gpu_eval_batch_size
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every trainable parameter is used (THUDM's 4.30 setting)
         if self.report_to is None:
             self.report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for; avoids torch's warning
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True  # accelerate runs torchrun's CPU processes as DDP (gloo) only with cpu=True
         if self.logging_dir is not None:
             os.environ["TENSORBOARD_LOGGING_DIR"] = self.logging_dir  # where 5.x's TensorBoard callback looks
         super().__post_init__()

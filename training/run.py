@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import set_seed
@@ -58,7 +59,8 @@ def make_manifest(model_args: ModelArguments, data_args: DataTrainingArguments) 
 def load_split(path: str | None, flag: str, limit: int | None, columns: Columns, tok: ChatGLMTokenizer,
                data_args: DataTrainingArguments, train: bool) -> list[dict[str, list[int]]]:
     if path is None:
-        raise ValueError(f"--do_{flag} requires a {'train' if train else flag} file")
+        file_flag = {"train": "--train_file", "eval": "--validation_file", "predict": "--test_file"}[flag]
+        raise ValueError(f"--do_{flag} requires {file_flag}")
     rows = read_rows(path, columns, limit)
     if train:
         feats = preprocess_train(rows, tok, data_args.max_source_length, data_args.max_target_length,
@@ -80,7 +82,22 @@ def write_predictions(path: Path, predictions, label_ids, tok: ChatGLMTokenizer)
             f.write(json.dumps({"labels": t, "predict": p}, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+@dataclass
+class Run:
+    """Everything `setup` prepared; `execute` trains/evaluates/predicts with it."""
+
+    model_args: ModelArguments
+    data_args: DataTrainingArguments
+    training_args: PTuningTrainingArguments
+    tokenizer: ChatGLMTokenizer
+    trainer: PrefixTrainer
+    train_ds: list | None
+    eval_ds: list | None
+    predict_ds: list | None
+
+
+def setup(argv: list[str] | None = None) -> Run | None:
+    """Parse, log the run's parameters, load tokenizer/model/data (THUDM's order) and build the trainer."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
     logger.warning(f"Process rank: {training_args.local_rank}, device: {training_args.device}, "
@@ -89,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info(f"Training/evaluation parameters {training_args}")
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         logger.info("There is nothing to do. Please pass `do_train`, `do_eval` and/or `do_predict`.")
-        return {}
+        return None
     check_output_dir(training_args)
     set_seed(training_args.seed)
     tok = ChatGLMTokenizer.from_folder(model_args.model_name_or_path)
@@ -98,56 +115,63 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(model_args, training_args.device, bf16=training_args.bf16)
     columns = Columns(data_args.prompt_column or "content", data_args.response_column or "summary",
                       data_args.history_column)
+    splits = {"train": (data_args.train_file, data_args.max_train_samples, training_args.do_train),
+              "eval": (data_args.validation_file, data_args.max_eval_samples, training_args.do_eval),
+              "predict": (data_args.test_file, data_args.max_predict_samples, training_args.do_predict)}
     with training_args.main_process_first(desc="dataset preprocessing"):
-        train_ds = (load_split(data_args.train_file, "train", data_args.max_train_samples, columns, tok, data_args, True)
-                    if training_args.do_train else None)
-        eval_ds = (load_split(data_args.validation_file, "eval", data_args.max_eval_samples, columns, tok, data_args, False)
-                   if training_args.do_eval else None)
-        predict_ds = (load_split(data_args.test_file, "predict", data_args.max_predict_samples, columns, tok, data_args, False)
-                      if training_args.do_predict else None)
+        ds = {name: load_split(path, name, limit, columns, tok, data_args, name == "train") if wanted else None
+              for name, (path, limit, wanted) in splits.items()}
     # THUDM: eval generation is bounded by val_max_target_length unless given, beams by --num_beams
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length
     training_args.generation_num_beams = data_args.num_beams or training_args.generation_num_beams
     trainer = PrefixTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collate,
+        model=model, args=training_args, train_dataset=ds["train"], eval_dataset=ds["eval"], data_collator=collate,
         compute_metrics=GenerationMetrics(tok) if training_args.predict_with_generate else None,
         tokenizer=tok, manifest=make_manifest(model_args, data_args), quantization=model_args.quantization)
+    return Run(model_args, data_args, training_args, tok, trainer, ds["train"], ds["eval"], ds["predict"])
 
+
+def execute(run: Run) -> dict[str, float]:
+    trainer, args, data_args = run.trainer, run.training_args, run.data_args
     results: dict[str, float] = {}
-    if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         metrics = train_result.metrics
         metrics.pop("total_flos", None)  # 4.30's progress callback popped it from this very dict
-        metrics["train_samples"] = len(train_ds)
+        metrics["train_samples"] = len(run.train_ds)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         results.update(metrics)
         if trainer.is_world_process_zero():
-            plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / LOSS_CURVE_NAME,
-                            title=Path(training_args.output_dir).name)
-
+            plot_loss_curve(trainer.state.log_history, Path(args.output_dir) / LOSS_CURVE_NAME,
+                            title=Path(args.output_dir).name)
     max_seq_length = data_args.max_source_length + data_args.max_target_length + 1
     sampling = dict(do_sample=True, top_p=0.7, max_length=max_seq_length, temperature=0.95)  # THUDM's eval settings
-    if training_args.do_eval:
+    if args.do_eval:
         logger.info("*** Evaluate ***")
         metrics = trainer.evaluate(metric_key_prefix="eval", **sampling)
-        metrics["eval_samples"] = len(eval_ds)
+        metrics["eval_samples"] = len(run.eval_ds)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-    if training_args.do_predict:
+    if args.do_predict:
         logger.info("*** Predict ***")
-        predict_results = trainer.predict(predict_ds, metric_key_prefix="predict", **sampling)
+        predict_results = trainer.predict(run.predict_ds, metric_key_prefix="predict", **sampling)
         metrics = predict_results.metrics
-        metrics["predict_samples"] = len(predict_ds)
+        metrics["predict_samples"] = len(run.predict_ds)
         trainer.log_metrics("predict", metrics)
         trainer.save_metrics("predict", metrics)
         results.update(metrics)
-        if trainer.is_world_process_zero() and training_args.predict_with_generate:
-            write_predictions(Path(training_args.output_dir) / "generated_predictions.txt",
-                              predict_results.predictions, predict_results.label_ids, tok)
+        if trainer.is_world_process_zero() and args.predict_with_generate:
+            write_predictions(Path(args.output_dir) / "generated_predictions.txt",
+                              predict_results.predictions, predict_results.label_ids, run.tokenizer)
     return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    run = setup(argv)
+    return execute(run) if run is not None else {}
 
 
 if __name__ == "__main__":
