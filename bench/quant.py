@@ -55,12 +55,12 @@ def _fill(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
 
 
 @torch.no_grad()
-def build(mode: QuantMode, seed: int = 0) -> ChatGLM:
+def build(mode: QuantMode, seed: int = 0, include_output_layer: bool = False) -> ChatGLM:
     cfg = ChatGLMConfig(**SHAPE_6B)
     with torch.device("meta"):
         model = ChatGLM(cfg)
     model.to(torch.bfloat16)
-    swap_in_empty_quantized(model, mode, dtype=torch.bfloat16, device="meta")
+    swap_in_empty_quantized(model, mode, dtype=torch.bfloat16, device="meta", include_output_layer=include_output_layer)
     model.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     qmax = 127 if mode is QuantMode.INT8 else 7
@@ -93,10 +93,10 @@ def bytes_per_token(model: ChatGLM) -> int:
     return total
 
 
-def run_mode(mode_name: str, threads: int, decode: int, prefill: int) -> dict:
+def run_mode(mode_name: str, threads: int, decode: int, prefill: int, output_layer: bool) -> dict:
     mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
     t0 = time.perf_counter()
-    model = build(mode)
+    model = build(mode, include_output_layer=output_layer)
     build_s = time.perf_counter() - t0
     kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
     bw_now = bandwidth_gbs(threads, runs=3)[0]  # contention on a shared VM drifts: measure next to the run
@@ -177,6 +177,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode", type=int, default=16, help="decode steps timed per mode")
     p.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill timing")
+    p.add_argument("--quantize-output-layer", action="store_true",
+                   help="also quantize transformer.output_layer (THUDM leaves it in float)")
     p.add_argument("--cuda", metavar="FIXTURE_MODEL", help="GPU check against the fixture's model folder instead")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -184,7 +186,7 @@ def main() -> None:
         cuda_check(args.cuda, args.decode)
         return
     if args.child:
-        print(json.dumps(run_mode(args.child, args.threads, args.decode, args.prefill)))
+        print(json.dumps(run_mode(args.child, args.threads, args.decode, args.prefill, args.quantize_output_layer)))
         return
     bw_best, bw_med = bandwidth_gbs(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -195,6 +197,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads),
                "--decode", str(args.decode), "--prefill", str(args.prefill)]
+        cmd += ["--quantize-output-layer"] if args.quantize_output_layer else []
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         bw = max(bw_best, r["bandwidth_gbs"])
         bound = bw / r["weight_gb_per_token"]
