@@ -40,6 +40,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.draining = False
+        self.started = False  # the engine is up and the operator-named adapters were tried
         self.start_error: BaseException | None = None
         self.start_task: asyncio.Task | None = None
         self.drain_task: asyncio.Future | None = None
@@ -50,7 +51,7 @@ class ServerState:
             raise ShuttingDown("The server is shutting down; retry shortly or on another instance.")
         if self.start_error is not None:
             raise EngineDead("The engine failed to start; see the server log.")
-        if not self.engine.ready:
+        if not (self.started and self.engine.ready):
             raise EngineNotReady("The model is still loading; retry shortly.")
 
     async def start(self) -> None:
@@ -63,12 +64,17 @@ class ServerState:
             if self.on_fatal is not None:
                 self.on_fatal()
             return
+        failures = {}
         for name in self.settings.adapters:  # operator-named adapters are validated now, not on first use
             try:
                 await self.engine.load_adapter(name)
             except Exception as e:  # noqa: BLE001 - a refused adapter is reported, the server keeps serving
-                log.warning("adapter %s failed to load: %s", name, getattr(e, "message", None) or e)
-        log_models(self.engine)
+                failures[name] = getattr(e, "message", None) or str(e)
+        refused = log_models(self.engine)
+        for name, reason in failures.items():
+            if name not in refused:
+                log.warning("adapter %s refused: %s", name, reason)
+        self.started = True
 
     def begin_drain(self) -> None:
         """Stop taking requests and let the engine finish running ones within --drain-timeout."""
@@ -82,18 +88,22 @@ class ServerState:
         await self.drain_task
 
 
-def log_models(engine: EngineClient) -> None:
+def log_models(engine: EngineClient) -> set[str]:
+    """One line per model: the base, each adapter loaded/available, or refused with the reason."""
+    refused = set()
     for info in engine.models():
         if info.kind is ModelKind.BASE:
             log.info("base model %s ready (max_model_len=%d, fingerprint=%s)", info.id, engine.max_model_len,
                      info.fingerprint)
         elif info.state is LoadState.FAILED:
+            refused.add(info.id)
             log.warning("adapter %s refused: %s", info.id, info.error)
         else:
             log.info("adapter %s %s (pre_seq_len=%d, prefix_projection=%s, version=%s)", info.id, info.state.value,
                      info.pre_seq_len, info.prefix_projection, info.version)
         for warning in info.warnings:
             log.warning("adapter %s: %s", info.id, warning)
+    return refused
 
 
 @asynccontextmanager

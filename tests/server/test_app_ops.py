@@ -181,6 +181,7 @@ def test_drain_lets_streams_finish():
 
 def test_state_refuses_while_draining():
     state = ServerState(FakeEngine(), ServerSettings())
+    state.started = True
     state.draining = True
     with pytest.raises(ShuttingDown):
         state.check_ready()

@@ -38,6 +38,9 @@ def server(fixture_dir, tmp_path_factory):
            "--checkpoints", str(tmp_path_factory.mktemp("checkpoints"))]
     for name in ADAPTERS:
         cmd += ["--adapter", f"{name}={fixture_dir / name}"]
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "config.json").write_text('{"pre_seq_len": 8}')  # no prefix weights: must be refused, not fatal
+    cmd += ["--adapter", f"broken={broken}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -93,12 +96,14 @@ def test_startup_log(server):
     assert f"base model {BASE} ready" in text
     for name in ADAPTERS:
         assert re.search(rf"adapter {name} loaded \(pre_seq_len=8", text), text
+    assert re.search(r"WARNING server \[-\] adapter broken refused: .*not a P-Tuning v2 checkpoint", text), text
     assert KEY not in text
 
 
 def test_models_list_and_retrieve(sdk):
     models = {m.id: m for m in sdk.models.list().data}
-    assert set(models) == {BASE, *ADAPTERS}
+    assert set(models) == {BASE, *ADAPTERS, "broken"}
+    assert models["broken"].model_extra["state"] == "failed" and models["broken"].model_extra["error"]
     for name, projection in zip(ADAPTERS, (False, True)):
         card = sdk.models.retrieve(name)
         extra = card.model_extra
@@ -224,6 +229,8 @@ def test_error_paths(server, http):
                         ({"tools": [{"type": "function"}]}, "tools")):
         assert err(http.post("/v1/chat/completions", json={"model": BASE, "messages": hi, **body}), 400)[
             "param"] == param
+    r = http.post("/v1/chat/completions", json={"model": "broken", "messages": hi})
+    assert err(r, 503)["code"] == "adapter_failed" and r.headers["x-should-retry"] == "false"
     assert http.get("/health").json() == {"status": "ok"}
     assert http.post("/v1/chat/completions", json={"model": BASE, "messages": hi, "max_tokens": 2,
                                                    "x_unknown": 1}).status_code == 200
