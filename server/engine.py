@@ -20,7 +20,7 @@ import torch
 from .adapter_files import AdapterVersion
 from .adapters import AdapterRegistry
 from .client import EngineStats, LoadState, ModelInfo, ModelKind, Target
-from .engine_config import EngineConfig
+from .engine_config import AdapterLoading, EngineConfig
 from .engine_core import CoreSnapshot, EngineCore, TargetSpec
 from .errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
 from .request_stream import RequestStream, validate_request
@@ -62,8 +62,7 @@ class AsyncEngine:
 
             self.quantization_bit = QuantMode.parse(quantization).bits
         model_device = next(model.parameters()).device
-        if model_device != torch.device(self.config.device) and not (
-                model_device.type == "cuda" and torch.device(self.config.device) == torch.device("cuda")):
+        if model_device.type != torch.device(self.config.device).type:
             raise ValueError(f"the model is on {model_device} but EngineConfig.device is {self.config.device}")
         self.core = EngineCore(model, tokenizer, self.config)
         self.registry = AdapterRegistry(
@@ -71,7 +70,7 @@ class AsyncEngine:
             max_prefix_len=self.config.max_prefix_len, max_resident=self.config.max_resident_adapters,
             quantization_bit=self.quantization_bit, checkpoints_dir=checkpoints_dir, adapters=adapters,
             watch=self.config.watch_adapters, base_path=model_path)
-        if self.config.adapter_loading.value == "eager":
+        if self.config.adapter_loading is AdapterLoading.EAGER:
             self.registry.load_all()
         self._cv = threading.Condition()
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -255,7 +254,7 @@ class AsyncEngine:
                 deltas: list[RequestOutput] = []
                 for kind, payload in items:
                     if kind == "add":
-                        deltas += self._add(*payload)
+                        self._add(*payload)
                     elif kind == "abort":
                         deltas += core.abort(payload)
                     else:
@@ -274,12 +273,14 @@ class AsyncEngine:
                 self._deliver([], failed=ids, exc=EngineDead(f"the engine loop failed: {exc!r}"))
                 return
 
-    def _add(self, request_id: str, specs: list[TargetSpec], params: SamplingParams) -> list[RequestOutput]:
+    def _add(self, request_id: str, specs: list[TargetSpec], params: SamplingParams) -> None:
         stream = self._streams.get(request_id)
         if stream is None or stream.closed:  # aborted before it reached the engine
-            return []
+            return
+        if request_id in self.core.requests:  # an earlier request of that id has not been torn down yet
+            self._deliver([], failed=[request_id], exc=InvalidRequest(f"request id {request_id} is still running"))
+            return
         self.core.add_request(self.core.make_request(request_id, specs, params))
-        return []
 
     def _deliver(self, deltas: list[RequestOutput], failed: list[str] = (), exc: BaseException | None = None) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}

@@ -89,7 +89,8 @@ class EngineCore:
         self.counters: dict[str, ModelCounters] = {}
         self.kv_used_tokens = 0
         self.num_steps = 0
-        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (decode tokens, prefill tokens, seconds)
+        # per step: (decode tokens, prefill tokens, wall seconds, engine-thread CPU seconds)
+        self.step_log: deque[tuple[int, int, float, float]] = deque(maxlen=4096)
         self._seq_ids = itertools.count()
 
     @property
@@ -144,7 +145,7 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         plan = self.scheduler.schedule()
         if not plan:
             return []
@@ -174,7 +175,8 @@ class EngineCore:
                     del self.requests[seq.request_id]
         self.num_steps += 1
         self._refresh_usage()
-        self.step_log.append((len(plan.decode), sum(i.num_tokens for i in plan.prefill), time.perf_counter() - t0))
+        self.step_log.append((len(plan.decode), sum(i.num_tokens for i in plan.prefill), time.perf_counter() - t0,
+                              time.thread_time() - c0))
         return deltas
 
     def snapshot(self) -> CoreSnapshot:
