@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, DenseAttention, DenseKVCache
 from .config import ChatGLMConfig
+from .cpu_matmul import Linear
 from .prefix import PrefixKV
 
 
@@ -71,8 +72,8 @@ class SelfAttention(nn.Module):
         self.num_groups = config.num_kv_groups
         self.head_dim = config.kv_channels
         qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+        self.query_key_value = Linear(config.hidden_size, qkv_out, bias=config.qkv_bias)
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         H, G, D = self.num_heads, self.num_groups, self.head_dim
@@ -88,8 +89,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
-        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+        self.dense_h_to_4h = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: gate first, then up
@@ -130,7 +131,7 @@ class ChatGLMModel(nn.Module):
         self.embedding = Embedding(config)
         self.rotary_pos_emb = RotaryEmbedding(config)
         self.encoder = Encoder(config)
-        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.gradient_checkpointing = False
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
