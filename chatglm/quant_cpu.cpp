@@ -179,11 +179,23 @@ void rows_dispatch(int nr, const int8_t* w0, int64_t row_bytes, const QuantizedX
   else rows_dots<BITS, MC, 1>(w0, row_bytes, qx, m0, K, dots);
 }
 
-template <int BITS>
+// THUDM int4 row -> one int8 per column (high nibble = even column), sign-extended.
+inline void unpack_int4_row(const int8_t* src, int64_t K, int8_t* dst) {
+  for (int64_t j = 0; j < K / 2; ++j) {
+    dst[2 * j] = static_cast<int8_t>(src[j] >> 4);
+    dst[2 * j + 1] = static_cast<int8_t>(static_cast<int8_t>(static_cast<uint8_t>(src[j]) << 4) >> 4);
+  }
+}
+
+// BITS: stored weight format. UNPACK (int4 with many activation rows): each 16-row tile is
+// unpacked once to int8 in a per-thread scratch and multiplied by the int8 path, which takes
+// 4 activation rows a pass; the unpack costs ~1/M of the multiply-adds.
+template <int BITS, bool UNPACK>
 void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const float* bias,
                float* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int64_t kMaxM = BITS == 8 ? 4 : 2;  // activation rows per pass (register budget)
-  const int64_t row_bytes = K * BITS / 8;
+  constexpr int KB = UNPACK ? 8 : BITS;           // the format the row kernels read
+  constexpr int64_t kMaxM = KB == 8 ? 4 : 2;      // activation rows per pass (register budget)
+  const int64_t row_bytes = K * BITS / 8, krow = K * KB / 8;
   const int64_t tiles = (N + kRowTile - 1) / kRowTile;
   // Tiles are handed out dynamically: on a shared VM a descheduled thread would otherwise hold
   // up the whole matmul at the end of a static split.
@@ -191,19 +203,25 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
   constexpr int64_t kGrab = 4;  // tiles per grab: 64 rows, a contiguous stream for the prefetcher
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     float dots[4][2];
+    std::vector<int8_t> scratch(UNPACK ? kRowTile * K : 0);
     for (int64_t g = next.fetch_add(kGrab); g < tiles; g = next.fetch_add(kGrab)) {
       for (int64_t t = g; t < std::min(tiles, g + kGrab); ++t) {
         const int64_t n0 = t * kRowTile, n1 = std::min(N, n0 + kRowTile);
+        const int8_t* base = w + n0 * row_bytes;
+        if constexpr (UNPACK) {
+          for (int64_t n = n0; n < n1; ++n) unpack_int4_row(base + (n - n0) * row_bytes, K, scratch.data() + (n - n0) * K);
+          base = scratch.data();
+        }
         for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
           const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
           for (int64_t n = n0; n < n1; n += 2) {
             const int nr = n + 2 <= n1 ? 2 : 1;
-            const int8_t* wr = w + n * row_bytes;
+            const int8_t* wr = base + (n - n0) * krow;
             switch (mc) {
-              case 4: rows_dispatch<BITS, BITS == 8 ? 4 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-              case 3: rows_dispatch<BITS, BITS == 8 ? 3 : 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-              case 2: rows_dispatch<BITS, 2>(nr, wr, row_bytes, qx, m0, K, dots); break;
-              default: rows_dispatch<BITS, 1>(nr, wr, row_bytes, qx, m0, K, dots); break;
+              case 4: rows_dispatch<KB, KB == 8 ? 4 : 2>(nr, wr, krow, qx, m0, K, dots); break;
+              case 3: rows_dispatch<KB, KB == 8 ? 3 : 2>(nr, wr, krow, qx, m0, K, dots); break;
+              case 2: rows_dispatch<KB, 2>(nr, wr, krow, qx, m0, K, dots); break;
+              default: rows_dispatch<KB, 1>(nr, wr, krow, qx, m0, K, dots); break;
             }
             for (int64_t i = 0; i < mc; ++i)
               for (int r = 0; r < nr; ++r)
@@ -214,6 +232,8 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
     }
   });
 }
+
+constexpr int64_t kUnpackRows = 8;  // int4 with at least this many activation rows: unpack tiles
 
 // x [M, K] float32/bfloat16; weight int8 [N, K*bits/8]; scale [N] float32; bias [N] float32 or None.
 at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -234,10 +254,14 @@ at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& weight, const a
   }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y.to(x.scalar_type());
-  const QuantizedX qx = quantize_x(xf.data_ptr<float>(), M, K, static_cast<int>(bits));
+  const bool unpack = bits == 4 && M >= kUnpackRows;
+  const QuantizedX qx = quantize_x(xf.data_ptr<float>(), M, K, unpack ? 8 : static_cast<int>(bits));
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  if (bits == 8) gemm_impl<8>(qx, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
-  else gemm_impl<4>(qx, weight.data_ptr<int8_t>(), scale.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  if (bits == 8) gemm_impl<8, false>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
+  else if (unpack) gemm_impl<4, true>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
+  else gemm_impl<4, false>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 

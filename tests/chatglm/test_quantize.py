@@ -254,11 +254,12 @@ def test_load_quantizer_assign_quantizes_raw_tensors_exactly(fixture_dir, raw_sd
 
 
 @needs_native
+@pytest.mark.parametrize("rows", [7, 9])  # 9 >= 8: int4 takes the unpack-to-int8 path
 @pytest.mark.parametrize("bits", BITS)
-def test_avx2_kernel_is_deterministic_across_thread_counts(bits):
+def test_avx2_kernel_is_deterministic_across_thread_counts(bits, rows):
     # Rows are handed out dynamically to threads; each output must not depend on who computed it.
     layer = quantize_linear(torch.nn.Linear(392, 1003), bits).prepare(QuantKernel.CPU_AVX2)
-    x = torch.randn(7, 392)
+    x = torch.randn(rows, 392)
     threads = torch.get_num_threads()
     try:
         with torch.no_grad():
