@@ -18,6 +18,7 @@ class LoadQuantizer:
                  include_output_layer: bool = False) -> None:
         self.mode, self.prequantized, self.kernel = mode, prequantized, kernel
         self.include_output_layer = include_output_layer
+        self._targets: set[str] | None = None
 
     @classmethod
     def for_folder(cls, quantize: QuantMode | str | int | None, config, folder: Path | str,
@@ -42,10 +43,12 @@ class LoadQuantizer:
     def assign(self, model: nn.Module, key: str, tensor: torch.Tensor) -> bool:
         """Quantize a float `...weight` of a target linear straight from the checkpoint tensor
         (exact even when the model dtype is bf16). True if handled; the caller skips it then."""
-        if self.prequantized or not key.endswith(".weight"):
+        if self.prequantized or self.mode is QuantMode.NONE or not key.endswith(".weight"):
             return False
         name = key[: -len(".weight")]
-        if name not in self._target_set(model):
+        if self._targets is None:
+            self._targets = set(self.targets(model))
+        if name not in self._targets:
             return False
         old = model.get_submodule(name)
         layer = QuantizedLinear(old.in_features, old.out_features, self.mode, bias=old.bias is not None,
@@ -56,15 +59,10 @@ class LoadQuantizer:
         _set_submodule(model, name, layer)
         return True
 
-    def _target_set(self, model: nn.Module) -> set[str]:
-        if not hasattr(self, "_targets"):
-            self._targets = set(self.targets(model))
-        return self._targets
-
     @torch.no_grad()
     def after_shard(self, model: nn.Module) -> None:
         """Quantize every target nn.Linear whose float weight has arrived, freeing it at once."""
-        if self.prequantized:
+        if self.prequantized or self.mode is QuantMode.NONE:
             return
         for name in self.targets(model):
             old = model.get_submodule(name)
@@ -77,6 +75,8 @@ class LoadQuantizer:
 
     @torch.no_grad()
     def after_load(self, model: nn.Module, device: torch.device) -> None:
+        if self.mode is QuantMode.NONE:
+            return
         self.after_shard(model)
         for name in self.targets(model):
             layer = model.get_submodule(name)

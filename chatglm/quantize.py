@@ -17,7 +17,7 @@ __all__ = [
     "QuantMode", "QuantKernel", "QuantKernelError", "QuantizedLinear", "THUDM_QUANTIZED_SUFFIXES",
     "OUTPUT_LAYER_SUFFIX", "check_kernel", "default_kernel", "dequantize_weight", "empty_quantized_linear",
     "int_weight", "pack_int4", "quantize_linear", "quantize_model", "quantized_module_names",
-    "quantize_weight", "swap_in_empty_quantized", "tinygemm_bytes", "unpack_int4",
+    "quantize_weight", "save_quantized", "swap_in_empty_quantized", "tinygemm_bytes", "unpack_int4",
 ]
 
 # The layers THUDM's quantize() replaces; embedding, norms, output layer and prefix encoder stay float.
