@@ -46,6 +46,11 @@ def native_unavailable_reason() -> str | None:
     except Exception as exc:  # compiler missing or failing: any of several exception types
         log.warning("AVX2 quantized kernel unavailable, falling back to aten kernels: %s", exc)
         return f"building {_NATIVE_SRC.name} failed: {exc}"
+
+    @torch.library.register_fake("chatglm_quant::mm")
+    def _mm_shape(x, weight, scale, bias, bits):  # lets torch.compile / meta tracing see the op
+        return x.new_empty(x.shape[0], weight.shape[0])
+
     return None
 
 
