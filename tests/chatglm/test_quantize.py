@@ -159,6 +159,7 @@ def test_unsupported_combinations_fail_with_a_clear_message():
         quantize_weight(torch.randn(4, 7), 4)
     assert default_kernel(QuantMode.INT4, "cpu") in (QuantKernel.CPU_AVX2, QuantKernel.CPU_INT4)
     assert default_kernel(QuantMode.INT8, "meta") is QuantKernel.DEQUANT
+    assert default_kernel(QuantMode.INT8, torch.device("cuda")) is QuantKernel.CUDA_TORCH
 
 
 def test_scale_stays_fp16_through_dtype_casts():
