@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,6 +12,7 @@ from .sampling import THUDM_DEFAULTS, SamplingParams
 
 OMIT_NONE = dict(default=None, exclude_if=lambda v: v is None)  # optional extras: absent, never null
 MAX_STOP_STRINGS = 64  # OpenAI allows 4; be lenient, but bounded
+MAX_STOP_CHARS = 256  # per stop string: the held-back tail is matched against its prefixes on every token
 MAX_CHOICES = 128
 
 
@@ -63,6 +64,9 @@ class ResponseFormat(BaseModel):
     type: str = "text"
 
 
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by chat and completions; unknown fields are kept in `model_extra` and logged."""
 
@@ -73,7 +77,7 @@ class GenerationRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -118,9 +122,16 @@ class GenerationRequest(BaseModel):
             raise InvalidRequest("stop strings must not be empty", "stop")
         return stops
 
+    def num_prompts(self) -> int:
+        return 1
+
     def _sampling(self, defaults: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if self.n * len(self.target_models()) > MAX_CHOICES:
+        choices = self.n * len(self.target_models())
+        if choices > MAX_CHOICES:
             raise InvalidRequest(f"n times the number of models must be at most {MAX_CHOICES}", "n")
+        if choices * self.num_prompts() > MAX_CHOICES:
+            raise InvalidRequest(f"{self.num_prompts()} prompts times n times the number of models must be at most "
+                                 f"{MAX_CHOICES}", "prompt")
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({max_tokens})",
                                  "min_tokens")
@@ -195,6 +206,12 @@ class CompletionRequest(GenerationRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+    def num_prompts(self) -> int:
+        """A list of strings or of id lists is one prompt per entry; a string or one id list is one prompt."""
+        if isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int):
+            return len(self.prompt)
+        return 1
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
