@@ -116,15 +116,17 @@ async def load_run(engine: AsyncEngine, models: list[str], clients: int, prompt_
     """`clients` closed-loop clients work through one request per entry of `models`. Returns the
     engine-side decode rate (decode-only steps) and the wall-clock aggregate (all output tokens)."""
     core = engine.core
+    await engine.clear_prefix_cache()  # every run prefills its prompts: no reuse from earlier runs
     core.step_log.clear()
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
     todo = list(enumerate(models))
+    nonce = time.monotonic_ns() % 50000
 
     async def client() -> int:
         n = 0
         while todo:
             i, model = todo.pop(0)
-            prompt = [(7 * i + j) % 60000 + 5 for j in range(prompt_len)]
+            prompt = [(nonce + 7 * i + j) % 60000 + 5 for j in range(prompt_len)]
             async for d in engine.generate(f"r{time.monotonic_ns()}-{i}", [Target(model, prompt)], params):
                 n += len(d.token_ids)
         return n
