@@ -68,3 +68,14 @@ def test_data_files_must_be_json_lines():
         parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--train_file", "t.csv"])
     with pytest.raises(ValueError, match="training/validation/test file"):
         parse_args(["--model_name_or_path", "m", "--output_dir", "o"])
+
+
+def test_tensorboard_is_the_default_logger_when_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    assert parse_args(base())[2].report_to == ["tensorboard"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert parse_args(base())[2].report_to == []
+    assert parse_args(base("--report_to", "none"))[2].report_to == []
