@@ -1,6 +1,7 @@
 """Quantization inside checkpoint.load_model: pre-quantized THUDM folders and quantize-at-load."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -8,6 +9,9 @@ from torch import nn
 
 from chatglm.quantize import (QuantizedLinear, QuantKernel, QuantMode, quantize_linear, quantized_module_names,
                               swap_in_empty_quantized)
+
+
+log = logging.getLogger(__name__)
 
 
 class LoadQuantizer:
@@ -82,6 +86,8 @@ class LoadQuantizer:
             layer = model.get_submodule(name)
             if not isinstance(layer, QuantizedLinear):
                 raise RuntimeError(f"{name} was not quantized during loading")
+            if layer.weight_scale.dtype == torch.bfloat16:
+                log.warning("%s: weight_scale was cast to bf16 while loading; THUDM's fp16 scales lost bits", name)
             if layer.weight_scale.dtype != torch.float16:  # a loader that cast it: fp32 -> fp16 is exact
                 layer.weight_scale = nn.Parameter(layer.weight_scale.to(torch.float16), requires_grad=False)
             layer.to(device)
