@@ -83,7 +83,7 @@ class EngineCore:
         self.runner = ModelRunner(model, config)
         self.slots = SlotManager(self.runner.num_slots, config.slot_capacity)
         self.scheduler = Scheduler(config, self.slots)
-        self.sampler = Sampler(tokenizer.eos_id, config.device, config.seed)
+        self.sampler = Sampler(tokenizer.eos_id, model.config.padded_vocab_size, config.device, config.seed)
         self.output = OutputProcessor(tokenizer, config.max_model_len, make_detokenizer)
         self.requests: dict[str, Request] = {}
         self.counters: dict[str, ModelCounters] = {}
@@ -149,9 +149,11 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        logits, seqs = self.runner.execute(plan)
+        seqs = plan.sampling_seqs()
+        batch = self.sampler.prepare(seqs)  # host-to-device copies before the forward is enqueued
+        logits = self.runner.execute(plan)
         self.scheduler.update(plan)
-        sampled = self.sampler(logits, seqs)  # the step's one host sync
+        sampled = self.sampler(logits, batch)  # reads the ids back: the step's one host sync
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             if seq.first_token_time is None:

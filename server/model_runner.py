@@ -40,8 +40,8 @@ class ModelRunner:
         return self.kv.numel() * self.kv.element_size()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one step; returns logits [R, V] (fp32) and the sequence each row samples for."""
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step; returns logits [R, V] (fp32), one row per plan.sampling_seqs()."""
         for seq in plan.prefix_fills:
             P = seq.prefix_len
             self.kv[:, :, seq.slot, :P] = seq.adapter.prefix.kv  # [L, 2, P, G, D], copied once per sequence
@@ -61,17 +61,17 @@ class ModelRunner:
             decode=[(i.seq.slot, i.seq.prefix_len + i.start) for i in plan.decode],
             prefill=[(i.seq.slot, i.seq.prefix_len + i.start, i.num_tokens) for i in plan.prefill])
         self.num_tokens_computed += len(ids)
+        row_of = {id(s): r for r, s in enumerate(sample_seqs)}
+        for parent, _ in plan.forks:  # n > 1: siblings sample from their parent's last position
+            sample_rows.append(sample_rows[row_of[id(parent)]])
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [N]
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # [N]
-        hidden = self.model.transformer.hidden_states(input_ids, positions, attn)  # [N, H]
-        row_of = {id(s): r for r, s in enumerate(sample_seqs)}
-        for parent, child in plan.forks:
-            self._copy_rows(parent.slot, child.slot, parent.prefix_len + parent.num_tokens)
-            sample_rows.append(sample_rows[row_of[id(parent)]])
-            sample_seqs.append(child)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)  # [R]
+        hidden = self.model.transformer.hidden_states(input_ids, positions, attn)  # [N, H]
+        for parent, child in plan.forks:  # the parent's prompt KV is complete now
+            self._copy_rows(parent.slot, child.slot, parent.prefix_len + parent.num_tokens)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [R, V]
-        return logits.float(), sample_seqs
+        return logits.float()
 
     def _copy_rows(self, src: int, dst: int, n: int) -> None:
         self.kv[:, :, dst, :n] = self.kv[:, :, src, :n]  # [L, 2, n, G, D]

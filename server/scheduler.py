@@ -40,6 +40,10 @@ class StepPlan:
     def items(self) -> list[ScheduledSeq]:
         return self.decode + self.prefill
 
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that get a token this step, in the order of the runner's logits rows."""
+        return [i.seq for i in self.items if i.samples] + [child for _, child in self.forks]
+
     @property
     def num_tokens(self) -> int:
         return sum(i.num_tokens for i in self.decode) + sum(i.num_tokens for i in self.prefill)
