@@ -201,13 +201,16 @@ def test_dequantized_fp32_model_matches_reference(fixture_dir, expected, expecte
     # The reference: every parameter of the quantized fp16 model cast to fp32, dequant rounded to fp16.
     sec = expected["quantization"]["bits"][str(bits)]
     model = _quantized(fixture_dir, bits, QuantKernel.DEQUANT)
-    fast = _quantized(fixture_dir, bits, default_kernel(QuantMode.parse(bits), "cpu"))
+    kernel = default_kernel(QuantMode.parse(bits), "cpu")
+    fast = _quantized(fixture_dir, bits, kernel)
+    # CPU_AVX2 keeps fp32-level activations (~5e-3 seen); the aten fallbacks round them to bf16 (~5e-2)
+    fast_tol = 2e-2 if kernel is QuantKernel.CPU_AVX2 else 1e-1
     with torch.no_grad():
         for name, rec in sec["logits_dequant_fp32"].items():
             ids = torch.tensor(rec["input_ids"])
             ref = expected_tensors[rec["tensor"]]
             assert (model(ids) - ref).abs().max() <= 1e-4, name
-            assert (fast(ids) - ref).abs().max() <= 2e-2, name  # fast kernel: ~5e-3 observed
+            assert (fast(ids) - ref).abs().max() <= fast_tol, (name, kernel)
             assert (model(ids) - expected_tensors[sec["logits_fp16_cpu"][name]["tensor"]]).abs().max() <= 5e-2
     for name, g in sec["generate_dequant_fp32"].items():
         for s in g["sequences"]:
