@@ -249,7 +249,8 @@ class AsyncEngine:
                     return
                 items = list(self._inbox)
                 self._inbox.clear()
-                self._queued -= sum(len(p[1]) * p[2].n for k, p in items if k == "add")
+            # queued until a snapshot holding them is out: admission reads _queued + snapshot.num_waiting
+            moved = sum(len(p[1]) * p[2].n for k, p in items if k == "add")
             try:
                 deltas: list[RequestOutput] = []
                 for kind, payload in items:
@@ -264,6 +265,7 @@ class AsyncEngine:
                     with torch.inference_mode():
                         deltas += core.step()
                 self._snap = core.snapshot()
+                self._release(moved)
                 self._deliver(deltas)
             except Exception as exc:  # noqa: BLE001 - the loop must report, not vanish
                 log.exception("engine step failed; failing every request")
