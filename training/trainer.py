@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +29,7 @@ from .logs import use_thudm_printing
 from .manifest import MANIFEST_NAME, PTuningManifest
 from .model_setup import PTuningModel, trained_config
 
+logger = logging.getLogger(__name__)
 STAGING_DIR = ".staging"
 TOP_K = 50  # transformers' default generation config, active in THUDM's eval generate()
 
@@ -81,6 +84,7 @@ class PrefixTrainer(Seq2SeqTrainer):
             return
         folder = Path(output_dir or self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        logger.info(f"Saving model checkpoint to {folder}")
         model = self.ptuning_model
         if model.prefix_encoder is not None:
             print("Saving PrefixEncoder")
@@ -88,9 +92,9 @@ class PrefixTrainer(Seq2SeqTrainer):
         else:
             print("Saving the whole model")
             save_model(model.base, folder, safetensors=self.args.save_safetensors)
-            (folder / "generation_config.json").write_text(
-                '{\n  "_from_model_config": true,\n  "eos_token_id": %d,\n  "pad_token_id": %d\n}\n'
-                % (model.glm_config.eos_token_id, model.glm_config.pad_token_id))
+            generation = {"_from_model_config": True, "eos_token_id": model.glm_config.eos_token_id,
+                          "pad_token_id": model.glm_config.pad_token_id}
+            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         self.glm_tokenizer.save(folder)
         torch.save(self.args, folder / "training_args.bin")
 
