@@ -71,7 +71,8 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype
                               f"config.json implies {list(current.shape)}")
     # Always copy: the source may be a memory map of a file that can change under a running server.
     if tensor.is_floating_point() and current.is_floating_point():
-        tensor = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        target = current.dtype if name == "weight_scale" else dtype  # THUDM's fp16 scales stay exact
+        tensor = tensor.to(dtype=target, memory_format=torch.contiguous_format, copy=True)
     else:
         tensor = tensor.clone(memory_format=torch.contiguous_format)
     module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
@@ -100,6 +101,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     for shard in weight_files(folder):
         for key, tensor in iter_tensors(shard):
             if key in IGNORED_KEYS or key.startswith(PREFIX_KEY):
+                continue
+            if q is not None and q.assign(model, key, tensor):  # quantized straight from the file
                 continue
             _assign(model, key, tensor, dtype)
         if q is not None:
