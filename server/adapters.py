@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .client import LoadState, ModelInfo, ModelKind
 from .errors import AdapterUnavailable, ModelNotFound
 
 _QUANT_NAMES = {0: "unquantized (fp16/bf16)", 8: "int8", 4: "int4"}
+log = logging.getLogger("server")  # startup and runtime refusals alike: one line each, from here
 
 
 @dataclass(eq=False)
@@ -158,12 +160,15 @@ class AdapterRegistry:
             e.failed_stamp = attempted
             if e.current is not None:  # a bad rewrite: keep serving the version that works
                 e.error = f"reload failed, still serving version {e.current.version}: {err}"
+                log.warning("adapter %s: %s", e.name, e.error)  # once per refused set of files
                 return e.current
             e.state, e.error = LoadState.FAILED, str(err)
+            log.warning("adapter %s refused: %s", e.name, err)
             raise AdapterUnavailable(f"adapter `{e.name}` cannot be served: {err}", param="model") from err
         with self._lock:
             e.current, e.state, e.error = v, LoadState.LOADED, None  # the atomic swap
             e.last_used = time.monotonic()
+        log.info("adapter %s loaded version %s from %s", e.name, v.version, e.path)
         self._evict()
         return v
 

@@ -96,8 +96,7 @@ def log_models(engine: EngineClient) -> set[str]:
             log.info("base model %s ready (max_model_len=%d, fingerprint=%s)", info.id, engine.max_model_len,
                      info.fingerprint)
         elif info.state is LoadState.FAILED:
-            refused.add(info.id)
-            log.warning("adapter %s refused: %s", info.id, info.error)
+            refused.add(info.id)  # the registry logged why when it refused it
         else:
             log.info("adapter %s %s (pre_seq_len=%d, prefix_projection=%s, version=%s)", info.id, info.state.value,
                      info.pre_seq_len, info.prefix_projection, info.version)

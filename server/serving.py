@@ -102,6 +102,12 @@ class Generation:
             return None
         if self.first_at is None:
             self.first_at = time.perf_counter()
+            if self.job.fingerprint is None:  # an adapter loaded on first use: its version is known now
+                try:
+                    infos = [self.engine.resolve(m) for m in dict.fromkeys(self.job.target_models)]
+                    self.job.fingerprint = combined_fingerprint(infos)
+                except ServingError:  # changed meanwhile: answer without a fingerprint
+                    pass
         self.tracker.output(out, self.job.target_of(out.index))
         return out
 
@@ -194,6 +200,13 @@ class GenerationHandler:
             log.info("client went away before the answer; aborted %s", job.response_id)
             await gen.close(Outcome.CLIENT_GONE)
             return Response(status_code=499)
+        except AdapterUnavailable as e:  # its first load failed: refused for good until its files change
+            await gen.close(Outcome.ERROR)
+            failed = {m.id: m for m in self.engine.models() if m.state is LoadState.FAILED}
+            name = next((n for n in dict.fromkeys(job.target_models) if n in failed), None)
+            if name is None or isinstance(e, AdapterRefused):
+                raise
+            raise AdapterRefused(f"The adapter `{name}` cannot be served: {failed[name].error}", e.param) from e
         except BaseException:
             await gen.close(Outcome.ERROR)
             raise
