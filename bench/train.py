@@ -96,7 +96,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             "step_s_median": round(step, 3), "tokens_per_s": round(args.batch * args.seq / step, 1),
             "peak_gb": round(peak_gb(device), 3), "build_s": round(build_s, 1), "loss": round(loss.item(), 3),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "base_params": sum(p.numel() for p in base.parameters()), "device": str(device),
+            "base_weight_gb": round(sum(p.numel() * p.element_size() for p in base.parameters()) / 1e9, 3),
+            "device": str(device),
             "threads": args.threads}
 
 

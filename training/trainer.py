@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -122,6 +123,8 @@ class PrefixTrainer(Seq2SeqTrainer):
                 self.state.save_to_json(str(staged / "trainer_state.json"))
             self.manifest.write(staged)  # last file: marks the folder complete
             publish(staged, run_dir / name)
+            with contextlib.suppress(OSError):
+                staged.parent.rmdir()  # only when empty
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
