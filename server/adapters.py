@@ -96,7 +96,8 @@ class AdapterRegistry:
         return i
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        with self._lock:  # a scan on another thread may be adding entries
+            return list(self._entries)
 
     def entry(self, name: str) -> AdapterEntry:
         e = self._entries.get(name)
@@ -196,13 +197,17 @@ class AdapterRegistry:
             for e in resident[:max(0, len(resident) - self.max_resident)]:
                 e.current, e.state = None, LoadState.AVAILABLE
 
+    def _resident(self) -> list[AdapterVersion]:
+        with self._lock:
+            return [v for e in self._entries.values() if (v := e.current) is not None]
+
     @property
     def num_resident(self) -> int:
-        return sum(e.current is not None for e in self._entries.values())
+        return len(self._resident())
 
     @property
     def resident_bytes(self) -> int:
-        return sum(e.current.prefix.num_bytes for e in self._entries.values() if e.current is not None)
+        return sum(v.prefix.num_bytes for v in self._resident())
 
     # ---- listing -----------------------------------------------------------------------------
     def fingerprint(self, version: AdapterVersion | None) -> str:
