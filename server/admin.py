@@ -59,7 +59,7 @@ def admin_router(engine: EngineClient, checkpoints: Path, metrics: Metrics) -> A
 
     async def parse(request: Request) -> AdapterRequest:
         try:
-            return AdapterRequest.model_validate_json(await request.body() or b"{}")
+            return AdapterRequest.model_validate_json(await request.body() or b"{}", strict=True)
         except ValidationError as e:
             raise from_validation_error(e) from None
 

@@ -24,6 +24,7 @@ from .errors import EngineDead, EngineNotReady, InvalidRequest, ServingError
 from .http_errors import InternalError, MethodNotAllowed, RouteNotFound, ShuttingDown, error_response
 from .metrics import Metrics
 from .middleware import Gatekeeper, KeyChecker
+from .openapi import install_openapi
 from .protocol import ModelList
 from .serving import GenerationHandler, resolve_model
 
@@ -201,6 +202,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
             return FileResponse(index)
 
     _install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(Gatekeeper, keys=KeyChecker(settings.api_keys), max_body_bytes=settings.max_body_bytes,
                        metrics_auth=settings.metrics_auth, metrics=metrics)
     return app

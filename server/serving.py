@@ -133,7 +133,7 @@ class GenerationHandler:
     async def _parse(self, request: Request, cls: type[R]) -> R:
         body = await request.body()
         try:
-            req = cls.model_validate_json(body or b"{}")
+            req = cls.model_validate_json(body or b"{}", strict=True)  # JSON types as the schema says, as OpenAI
         except ValidationError as e:
             raise from_validation_error(e) from None
         for param, why in req.unsupported():
