@@ -1,7 +1,7 @@
 """Our server vs `transformers serve --continuous-batching` on the same weights, same machine, same run.
 
     python bench/compare.py [--servers ours-bf16,ours-int8,hf-bf16] [--concurrency 1,4,16]
-                            [--input-len 64] [--output-len 32] [--server-cpus 1] [--threads 1]
+                            [--input-len 32] [--output-len 32] [--server-cpus 1] [--threads 1]
                             [--workdir ~/.cache/chatglm-bench/compare] [--plot docs/compare_transformers.png]
 
 A mid-size ChatGLM2 (hidden 1024, 24 layers, 8 heads x 128, 2 KV groups, ffn 3424, vocab 65024) with
@@ -33,7 +33,7 @@ from bench.compare_client import CompletionsClient  # noqa: E402
 from bench.compare_setup import FIXTURE_MODEL, ensure_models, make_prompts  # noqa: E402
 
 MAX_SEQS, MAX_LEN, BATCH_TOKENS, PAGE = 16, 256, 2048, 32
-SERVERS = ("ours-bf16", "ours-int8", "hf-bf16")
+SERVERS = ("ours-bf16", "ours-int8", "hf-bf16")  # also available: hf-fp32 (same values, fp32 weights in memory)
 
 
 def free_port() -> int:
@@ -46,22 +46,24 @@ def server_command(name: str, ours_dir: Path, glm_dir: Path, port: int, threads:
     """(argv, model id to request, per-server request extras that make it ignore eos)."""
     if name.startswith("ours-"):
         cmd = [sys.executable, "-m", "server", "--model", str(ours_dir), "--model-name", "base", "--host", "127.0.0.1",
-               "--port", str(port), "--torch-threads", str(threads), "--device", "cpu", "--dtype", "bfloat16",
+               "--port", str(port), "--torch-threads", str(threads), "--device", "cpu",
                "--max-model-len", str(MAX_LEN), "--max-prefix-len", "1", "--max-num-seqs", str(MAX_SEQS),
                "--max-num-batched-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
-        if name == "ours-int8":
-            cmd += ["--quantize", "int8"]
+        # bf16: the checkpoint's weights as they are; int8: THUDM-format int8 linears quantized from them
+        # at load, activations in the dtype the server picks for its int8 kernel (--dtype auto)
+        cmd += ["--quantize", "int8"] if name == "ours-int8" else ["--dtype", "bfloat16"]
         return cmd, "base", {"ignore_eos": True, "stream_options": {"include_usage": True}}
-    if name == "hf-bf16":
+    if name in ("hf-bf16", "hf-fp32"):
         exe = Path(sys.executable).with_name("transformers")
-        cmd = [str(exe), "serve", str(glm_dir), "--continuous-batching", "--device", "cpu", "--dtype", "bfloat16",
+        dtype = "bfloat16" if name == "hf-bf16" else "float32"
+        cmd = [str(exe), "serve", str(glm_dir), "--continuous-batching", "--device", "cpu", "--dtype", dtype,
                "--host", "127.0.0.1", "--port", str(port), "--cb-block-size", str(PAGE),
                "--cb-num-blocks", str(MAX_SEQS * MAX_LEN // PAGE), "--cb-max-batch-tokens", str(BATCH_TOKENS),
                "--log-level", "warning"]
         # transformers' /v1/completions rejects unknown fields; a request generation_config with
         # eos_token_id -1 is its way to not stop at eos (continuous batching treats -1 as "none").
         return cmd, str(glm_dir), {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
-    raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS)}")
+    raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS)}, hf-fp32")
 
 
 async def run_server(name: str, args, ours_dir: Path, glm_dir: Path, levels: list[tuple[int, list[str]]]) -> dict:
@@ -119,7 +121,7 @@ def print_tables(results: dict, concurrency: list[int], theirs: str = "hf-bf16")
         lines += ["", f"| ours / {theirs} | concurrency | output tok/s ratio | TTFT p50 ratio (theirs / ours) | "
                       "TPOT p50 ratio (theirs / ours) |", "|---|---|---|---|---|"]
         for name, res in results.items():
-            if name == theirs:
+            if name.startswith("hf-"):
                 continue
             for c in concurrency:
                 r, b = res.get("levels", {}).get(c), base.get(c)
@@ -135,7 +137,7 @@ def acceptance(results: dict, theirs: str = "hf-bf16") -> list[str]:
     out = []
     for name, res in results.items():
         lv = res.get("levels", {})
-        if name == theirs or not base or 16 not in lv or 1 not in lv or 16 not in base or 1 not in base:
+        if name.startswith("hf-") or not base or 16 not in lv or 1 not in lv or 16 not in base or 1 not in base:
             continue
         checks = [("output tok/s at c16 >= 4x theirs", lv[16]["output_tok_s"] >= 4 * base[16]["output_tok_s"]),
                   ("TTFT p50 at c16 <= 1/4 of theirs", lv[16]["ttft_ms_p50"] * 4 <= base[16]["ttft_ms_p50"]),
@@ -182,7 +184,7 @@ def main() -> None:
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", default="", help="requests per level, e.g. 4,8,32 (default max(4, 2 x concurrency))")
-    p.add_argument("--input-len", type=int, default=64, help="prompt tokens, [gMASK] sop included")
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens, [gMASK] sop included")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--server-cpus", default="1", help="taskset CPU list for the servers")
     p.add_argument("--client-cpus", default="0", help="CPU list for this client process")

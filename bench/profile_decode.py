@@ -51,9 +51,16 @@ class Timed:
         setattr(obj, name, self)
 
     def __call__(self, *a, **kw):
+        return self._timed(self.fn, *a, **kw)
+
+    def __getattr__(self, name: str):  # other methods of a wrapped object (e.g. Sampler.prepare) count too
+        attr = getattr(self.fn, name)
+        return (lambda *a, **kw: self._timed(attr, *a, **kw)) if callable(attr) else attr
+
+    def _timed(self, fn, *a, **kw):
         t = time.perf_counter()
         try:
-            return self.fn(*a, **kw)
+            return fn(*a, **kw)
         finally:
             self.total += time.perf_counter() - t
 
@@ -66,9 +73,12 @@ def profile(fmt: str, model_dir: Path, batch: int, steps: int, prompt_len: int, 
     from server.sampling import SamplingParams
 
     torch.set_num_threads(threads)
-    quantize = "int8" if fmt == "int8" else None
-    dtype = torch.bfloat16 if fmt == "bf16" else (torch.float32 if fmt == "fp32" else None)
-    if dtype is None:  # int8: the activation dtype the server picks by default (AsyncEngine.from_paths)
+    # "bf16", "fp32", "int8" (activations in the dtype the server picks), "int8:bf16" / "int8:fp32"
+    weights, _, act = fmt.partition(":")
+    quantize = weights if weights in ("int8", "int4") else None
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    dtype = dtypes.get(act or weights)
+    if dtype is None:  # quantized weights, activation dtype as AsyncEngine.from_paths picks it
         import server.engine
 
         auto = getattr(server.engine, "_auto_dtype", None)
