@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ from .sampling import SamplingParams
 from .sequence import RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+class _Msg(Enum):
+    """What the event loop asks of the engine thread, through the inbox."""
+
+    ADD = "add"
+    ABORT = "abort"
+    CLEAR_CACHE = "clear_cache"
 
 
 def _auto_dtype(quantize: str | int | None, device: str) -> torch.dtype:
@@ -73,7 +82,7 @@ class AsyncEngine:
         if self.config.adapter_loading is AdapterLoading.EAGER:
             self.registry.load_all()
         self._cv = threading.Condition()
-        self._inbox: deque[tuple[str, Any]] = deque()
+        self._inbox: deque[tuple[_Msg, Any]] = deque()
         # weak: a stream its reader dropped is collected, and its finaliser aborts the request
         self._streams: weakref.WeakValueDictionary[str, RequestStream] = weakref.WeakValueDictionary()
         self._snap = CoreSnapshot()
@@ -197,13 +206,13 @@ class AsyncEngine:
         specs = [TargetSpec(t.model, list(t.prompt_ids), v, self.registry.fingerprint(v))
                  for t, v in zip(stream.targets, stream.versions)]
         with self._cv:
-            self._inbox.append(("add", (stream.request_id, specs, stream.params)))
+            self._inbox.append((_Msg.ADD, (stream.request_id, specs, stream.params)))
             self._cv.notify()
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its KV is freed before the next step. Safe from any thread, idempotent."""
         with self._cv:
-            self._inbox.append(("abort", request_id))
+            self._inbox.append((_Msg.ABORT, request_id))
             self._cv.notify()
 
     async def clear_prefix_cache(self) -> None:
@@ -211,7 +220,7 @@ class AsyncEngine:
         done = asyncio.get_running_loop().create_future()
         loop = done.get_loop()
         with self._cv:
-            self._inbox.append(("clear", lambda: loop.call_soon_threadsafe(done.set_result, None)))
+            self._inbox.append((_Msg.CLEAR_CACHE, lambda: loop.call_soon_threadsafe(done.set_result, None)))
             self._cv.notify()
         self._ensure_thread()
         await done
@@ -250,13 +259,13 @@ class AsyncEngine:
                 items = list(self._inbox)
                 self._inbox.clear()
             # queued until a snapshot holding them is out: admission reads _queued + snapshot.num_waiting
-            moved = sum(len(p[1]) * p[2].n for k, p in items if k == "add")
+            moved = sum(len(p[1]) * p[2].n for k, p in items if k is _Msg.ADD)
             try:
                 deltas: list[RequestOutput] = []
                 for kind, payload in items:
-                    if kind == "add":
+                    if kind is _Msg.ADD:
                         self._add(*payload)
-                    elif kind == "abort":
+                    elif kind is _Msg.ABORT:
                         deltas += core.abort(payload)
                     else:
                         core.slots.clear_cache()
