@@ -80,7 +80,7 @@ def discover(root: Path, skip: Path | None = None) -> dict[str, Path]:
     found: dict[str, Path] = {}
     if not root.is_dir():
         return found
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .staging: unfinished
         if skip is not None and d.resolve() == skip:
             continue
         if is_adapter_dir(d):

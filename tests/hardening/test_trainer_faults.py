@@ -92,6 +92,7 @@ def check_killed_run(point, fixture_model, adgen, tmp_path):
     assert (point == "publish") == is_complete(staged, config)  # at "publish" it is whole, but not in place
     found = discover(tmp_path / "runs")  # what a server pointed at the runs folder would list
     assert found == {"adgen": out / "checkpoint-1", "adgen/checkpoint-1": out / "checkpoint-1"}
+    assert discover(out) == {"checkpoint-1": out / "checkpoint-1"}  # --checkpoints pointed at the run itself
     v = load_version(out / "checkpoint-1", config, 1, "adgen", dtype=torch.float32, device="cpu", max_prefix_len=8)
     assert v.pre_seq_len == 4
     main(args(fixture_model, adgen, out, 3, "--pre_seq_len", "4", "--save_steps", "1",
