@@ -66,7 +66,8 @@ def server_command(name: str, ours_dir: Path, glm_dir: Path, port: int, threads:
     raise SystemExit(f"unknown server {name!r}; expected one of {', '.join(SERVERS)}, hf-fp32")
 
 
-async def run_server(name: str, args, ours_dir: Path, glm_dir: Path, levels: list[tuple[int, list[str]]]) -> dict:
+async def run_server(name: str, args, ours_dir: Path, glm_dir: Path, levels: list[tuple[int, list[str]]],
+                     warmup: list[str]) -> dict:
     port = free_port()
     cmd, model, extra = server_command(name, ours_dir, glm_dir, port, args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -80,8 +81,10 @@ async def run_server(name: str, args, ours_dir: Path, glm_dir: Path, levels: lis
     try:
         t0 = time.perf_counter()
         await client.wait_ready(proc, 900)
-        await client.level(levels[0][1][:2], 4, 1)  # warm-up: lazy initialisation, first batches
-        await client.level(levels[0][1][:4], 4, 4)
+        # warm-up (lazy initialisation, first batches) on prompts of its own: both servers cache prompt
+        # prefixes, so a measured prompt must never have been seen before
+        await client.level(warmup[:2], 4, 1)
+        await client.level(warmup[2:], 4, 4)
         result["ready_s"] = time.perf_counter() - t0
         for c, prompts in levels:
             r = await client.level(prompts, args.output_len, c)
@@ -199,7 +202,8 @@ def main() -> None:
     os.sched_setaffinity(0, {int(c) for c in args.client_cpus.split(",")})
     t0 = time.perf_counter()
     ours_dir, glm_dir = ensure_models(args.workdir)
-    prompts = make_prompts(FIXTURE_MODEL, sum(counts), args.input_len, args.seed)
+    prompts = make_prompts(FIXTURE_MODEL, sum(counts) + 6, args.input_len, args.seed)
+    warmup = prompts[-6:]
     levels, i = [], 0
     for c, n in zip(concurrency, counts):
         levels.append((c, prompts[i:i + n]))
@@ -216,7 +220,7 @@ def main() -> None:
     results = {}
     for name in args.servers.split(","):
         print(f"{name}: starting (load average {os.getloadavg()[0]:.2f})", flush=True)
-        results[name] = asyncio.run(run_server(name, args, ours_dir, glm_dir, levels))
+        results[name] = asyncio.run(run_server(name, args, ours_dir, glm_dir, levels, warmup))
     meta["total_s"] = time.perf_counter() - t0
     print()
     table = print_tables(results, concurrency)
