@@ -28,6 +28,7 @@ from .manifest import PTuningManifest, config_hash
 from .metrics import GenerationMetrics, decode_rows
 from .model_setup import build_model
 from .plot import LOSS_CURVE_NAME, plot_loss_curve
+from .preflight import OutputDirError, check_free_space, check_writable, checkpoint_bytes
 from .trainer import STAGING_DIR, PrefixTrainer
 
 logger = logging.getLogger("training.run")
@@ -108,11 +109,15 @@ def setup(argv: list[str] | None = None) -> Run | None:
         logger.info("There is nothing to do. Please pass `do_train`, `do_eval` and/or `do_predict`.")
         return None
     check_output_dir(training_args)
+    if training_args.should_save:  # before the model loads: a run that cannot save stops now, not at step N
+        check_writable(training_args.output_dir)
     set_seed(training_args.seed)
     tok = ChatGLMTokenizer.from_folder(model_args.model_name_or_path)
     if model_args.quantization_bit is not None:
         print(f"Quantized to {model_args.quantization_bit} bit")
     model = build_model(model_args, training_args.device, bf16=training_args.bf16)
+    if training_args.should_save and training_args.do_train:
+        check_free_space(training_args.output_dir, checkpoint_bytes(model, model_args.model_name_or_path))
     columns = Columns(data_args.prompt_column or "content", data_args.response_column or "summary",
                       data_args.history_column)
     splits = {"train": (data_args.train_file, data_args.max_train_samples, training_args.do_train),
@@ -175,4 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OutputDirError as e:  # one clear line, no traceback
+        raise SystemExit(f"error: {e}") from None

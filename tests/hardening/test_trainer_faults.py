@@ -167,3 +167,23 @@ def test_too_little_free_space_for_a_checkpoint(tmp_path, monkeypatch, fixture_m
         preflight.check_free_space(tmp_path, need)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(100 * 2**20, 60 * 2**20, 40 * 2**20))
     preflight.check_free_space(tmp_path, need)
+
+
+# ---- python -m training.run: the checks run before the model is loaded / before the first step ------------
+def test_cli_unwritable_output_dir_is_one_line_before_loading(immutable_dir, fixture_model, adgen):
+    cmd = [sys.executable, "-m", "training.run", *args(fixture_model, adgen, immutable_dir, 2, "--pre_seq_len", "4")]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --output_dir {immutable_dir} is not writable"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "'loss':" not in r.stdout + r.stderr  # not one training step
+    assert list(immutable_dir.iterdir()) == []
+
+
+def test_full_disk_stops_the_run_before_the_first_step(fixture_model, adgen, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**19, 2**19))  # 0.5 MiB
+    out = tmp_path / "out"
+    with pytest.raises(preflight.OutputDirError, match=r"0\.5 MiB free on its disk, but a checkpoint"):
+        main(args(fixture_model, adgen, out, 2, "--pre_seq_len", "4"))
+    assert not any(out.glob("checkpoint-*")) and not (out / "trainer_state.json").exists()
