@@ -92,7 +92,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         config = ChatGLMConfig.from_json(folder)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
-    quantizing = quantize not in (None, 0, "none", "") or config.quantization_bit
+    from .quant_format import QuantMode
+
+    quantizing = QuantMode.parse(quantize) is not QuantMode.NONE or bool(config.quantization_bit)
     q = _quantization(quantize, config, folder) if quantizing else None
     with torch.device("meta"):
         model = ChatGLM(config)
