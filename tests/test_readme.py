@@ -287,6 +287,7 @@ def test_inline_commands_and_flags_exist():
         "python -m server --help": None, "python -m training.run --help": None,  # helps above
         "pip install openai": None,  # the SDK block ran with it
         "python scripts/build_demo.py": lambda: "Rebuild the bundled demo model" in help_text("scripts/build_demo.py"),
+        "python scripts/web_screenshot.py": lambda: "docs/web-chat.png" in help_text("scripts/web_screenshot.py"),
     }
     assert " ".join(cmd) == "python -m server --host 0.0.0.0"
     for span in spans:
