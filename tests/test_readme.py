@@ -284,6 +284,7 @@ def test_inline_commands_and_flags_exist():
         "make serve": None, "make test": None, "python -m pytest": None,  # test_make_recipes
         "make serve TORCH_INDEX=https://download.pytorch.org/whl/cpu": None,  # test_make_recipes
         "pip install .": None, "python -m server --host 0.0.0.0": None,  # the Dockerfile: test_make_recipes, below
+        "python -m server": None,  # the blocks start it, with and without flags
         "python -m server --help": None, "python -m training.run --help": None,  # helps above
         "pip install openai": None,  # the SDK block ran with it
         "python scripts/build_demo.py": lambda: "Rebuild the bundled demo model" in help_text("scripts/build_demo.py"),
