@@ -1,4 +1,4 @@
-"""docs/web-chat.png: the chat page answering, base then adapter, on the bundled demo (`python -m server` with no
+"""docs/web-chat.png: the chat page answering two turns with the demo adapter, on the bundled demo (`python -m server` with no
 arguments). Needs what the browser test needs (Debian chromium + chromium-driver, selenium) and a CJK font for the
 text (Debian fonts-wqy-microhei). Run from the repository root: `python scripts/web_screenshot.py`."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 from tests.live_server import live_server  # noqa: E402
 from tests.server.browser import start_chrome  # noqa: E402
 
-PROMPT = "类型#上衣*材质#牛仔布*颜色#白色*风格#简约"
+PROMPTS = ("类型#上衣*材质#牛仔布*颜色#白色*风格#简约", "类型#裙*颜色#红色*风格#复古*裙长#连衣裙")
 
 
 def set_value(chrome, element_id: str, value) -> None:
@@ -37,8 +37,7 @@ def ask(chrome, model: str, text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "web-chat.png")
-    p.add_argument("--base", default="demo-base")
-    p.add_argument("--adapter", default="demo-adgen")
+    p.add_argument("--model", default="demo-adgen", help="the model id to chat with (default demo-adgen)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, live_server(["--torch-threads", "1"], Path(tmp) / "server.log") as s:
         chrome = start_chrome(Path(tmp) / "profile")
@@ -51,8 +50,8 @@ def main() -> None:
                 time.sleep(0.2)
             set_value(chrome, "temperature", 0)
             set_value(chrome, "max_tokens", 96)
-            ask(chrome, a.base, PROMPT)
-            ask(chrome, a.adapter, PROMPT)
+            for prompt in PROMPTS:
+                ask(chrome, a.model, prompt)
             a.out.parent.mkdir(parents=True, exist_ok=True)
             chrome.save_screenshot(str(a.out))
         finally:
