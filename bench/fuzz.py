@@ -36,9 +36,10 @@ def checks() -> list:
     return [getattr(schemathesis.checks, name) for name in CHECK_NAMES]
 
 
-def aim_at_real_models(case, models: tuple[str, ...]) -> None:
+def aim_at_real_models(case, models: tuple[str, ...], max_new: int | None = None) -> None:
     """Deterministically swap the generated model name for a served one in half of the schema-valid bodies
-    (a schema-invalid body keeps its name: that may be the part that makes it invalid)."""
+    (a schema-invalid body keeps its name: that may be the part that makes it invalid); `max_new` caps
+    their max_tokens to keep a short run short."""
     from schemathesis.generation.modes import GenerationMode
 
     body = case.body
@@ -48,6 +49,10 @@ def aim_at_real_models(case, models: tuple[str, ...]) -> None:
         if pick % 2:
             body["model"] = models[pick % len(models)]
             _alternate_roles(body.get("messages"))
+            if max_new is not None:
+                for field in ("max_tokens", "max_completion_tokens"):
+                    if not isinstance(body.get(field), int) or body[field] > max_new:
+                        body[field] = max_new
 
 
 def _alternate_roles(messages) -> None:

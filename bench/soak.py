@@ -100,7 +100,8 @@ def one_request(client: httpx.Client, i: int, model: str, rng: random.Random, di
         if not streaming:
             r = client.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
-                return Outcome("failed", model, False, time.perf_counter() - t0, f"HTTP {r.status_code}: {r.text[:200]}")
+                why = f"HTTP {r.status_code}: {r.text[:200]}"
+                return Outcome("failed", model, False, time.perf_counter() - t0, why)
             reason = r.json()["choices"][0]["finish_reason"]
             kind, why = ("ok", "") if reason in ("stop", "length") else ("failed", f"finish_reason {reason!r}")
             return Outcome(kind, model, False, time.perf_counter() - t0, why)

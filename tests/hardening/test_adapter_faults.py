@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.adapter_files import discover
 from tests.hardening.conftest import BASE, HI, answers, error_of
 
 CHAT = "/v1/chat/completions"
@@ -121,6 +122,7 @@ def test_checkpoint_written_while_the_server_rescans(hardened, http, others, cap
     # the trainer's own protocol: a half-written folder under .staging is never listed
     shutil.copytree(run / "checkpoint-1", run / ".staging" / "checkpoint-3")
     (run / ".staging" / "checkpoint-3" / "pytorch_model.bin").write_bytes(data[:100])
+    assert set(discover(run)) == {"checkpoint-1"}  # --checkpoints at the run itself: no .staging, no empty dir
     writer.start()
     seen = set()
     with caplog.at_level(logging.WARNING):

@@ -57,12 +57,13 @@ def test_every_v1_and_admin_route_is_guarded():
 
 @pytest.mark.parametrize("method,path", GUARDED + [("GET", "/v1/no-such-route"), ("POST", "/v1/models"),
                                                    ("GET", "/v1/models/%2E%2E/%2E%2E/health")])
-@pytest.mark.parametrize("how", list(NEAR_MISSES))
-def test_401_without_a_valid_key(hardened, method, path, how):
-    r = httpx.request(method, hardened.url + path, headers=NEAR_MISSES[how], json={"model": BASE, "messages": HI})
-    err = error_of(r, 401)
-    assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error"
-    assert KEY not in r.text and "sk-wrong" not in r.text
+def test_401_without_a_valid_key(hardened, method, path):
+    with httpx.Client(base_url=hardened.url) as c:
+        for how, headers in NEAR_MISSES.items():
+            r = c.request(method, path, headers=headers, json={"model": BASE, "messages": HI})
+            err = error_of(r, 401)
+            assert err["code"] == "invalid_api_key" and err["type"] == "invalid_request_error", how
+            assert KEY not in r.text and "sk-wrong" not in r.text, how
 
 
 def test_key_in_the_query_string_is_not_a_key(hardened):

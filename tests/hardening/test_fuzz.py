@@ -30,6 +30,6 @@ schema.config.update(request_timeout=120)
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
           database=None)
 def test_api_conforms_to_its_schema(case, hardened):
-    bench_fuzz.aim_at_real_models(case, (BASE, "pre8", "proj"))
+    bench_fuzz.aim_at_real_models(case, (BASE, "pre8", "proj"), max_new=8)
     case.call_and_validate(base_url=hardened.url, headers={"Authorization": f"Bearer {KEY}"},
                            checks=bench_fuzz.checks())

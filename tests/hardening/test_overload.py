@@ -13,7 +13,7 @@ import openai
 
 from tests.hardening.conftest import BASE, HI, KEY, LIMITS, answers, error_of, metric, wait_idle
 
-LONG = {"messages": HI, "max_tokens": 100, "ignore_eos": True}
+LONG = {"messages": HI, "max_tokens": 50, "ignore_eos": True}
 
 
 def one(hardened, i: int, start: threading.Barrier, results: list) -> None:
