@@ -262,6 +262,7 @@ def step_eval(threads: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global WORK
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", help=f"comma-separated subset of {','.join(STEPS)} (default: all)")
     p.add_argument("--from", dest="start", choices=STEPS, help="run this step and every later one")
@@ -274,7 +275,6 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
     import torch
 
-    global WORK
     WORK = a.work.resolve()
     torch.set_num_threads(a.threads)
     WORK.mkdir(parents=True, exist_ok=True)
