@@ -21,7 +21,7 @@ import torch
 from .adapter_files import AdapterVersion
 from .adapters import AdapterRegistry
 from .client import EngineStats, LoadState, ModelInfo, ModelKind, Target
-from .engine_config import AdapterLoading, EngineConfig
+from .engine_config import AdapterLoading, EngineConfig, auto_dtype
 from .engine_core import CoreSnapshot, EngineCore, TargetSpec
 from .errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
 from .request_stream import RequestStream, validate_request
@@ -37,21 +37,6 @@ class _Msg(Enum):
     ADD = "add"
     ABORT = "abort"
     CLEAR_CACHE = "clear_cache"
-
-
-def _auto_dtype(quantize: str | int | None, device: str) -> torch.dtype:
-    """bf16 on GPUs. On CPUs fp32: without native bf16 FMA, bf16 matmuls run at a third of fp32's
-    FLOP/s, and the AVX2 int8/int4 kernel takes fp32 activations. Only aten's quantized kernels
-    (the fallback when the AVX2 one cannot be built) want bf16 activations."""
-    if torch.device(device).type != "cpu":
-        return torch.bfloat16
-    from chatglm.quant_format import QuantMode
-    from chatglm.quant_kernels import QuantKernel, default_kernel
-
-    mode = QuantMode.parse(quantize)
-    if mode is QuantMode.NONE or default_kernel(mode, device) is QuantKernel.CPU_AVX2:
-        return torch.float32
-    return torch.bfloat16
 
 
 class AsyncEngine:
@@ -99,10 +84,11 @@ class AsyncEngine:
                    base_model_id: str | None = None, **limits: Any) -> "AsyncEngine":
         """Load a base model folder (and its tokenizer) and build an engine; `limits` are EngineConfig fields."""
         from chatglm.checkpoint import load_model
+        from chatglm.config import ChatGLMConfig
         from chatglm.tokenizer import ChatGLMTokenizer
 
         if dtype is None:
-            dtype = _auto_dtype(quantize, device)
+            dtype = auto_dtype(quantize, device, ChatGLMConfig.from_json(model_path).torch_dtype)
         config = EngineConfig(dtype=dtype, device=device, **limits)
         model = load_model(model_path, dtype=config.dtype, device=device, quantize=quantize)
         tokenizer = ChatGLMTokenizer.from_folder(model_path)

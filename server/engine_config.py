@@ -24,6 +24,25 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def auto_dtype(quantize: str | int | None, device: str, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """The serving dtype when the operator names none.
+
+    GPU: bf16. CPU, quantized: fp32 activations for the AVX2 int8/int4 kernel, bf16 when only aten's
+    kernels (which want bf16) are there. CPU, not quantized: the checkpoint's own precision, so an
+    fp32 checkpoint stays exact and a half-precision one (THUDM publishes fp16) takes half the memory
+    as bf16; chatglm's linears multiply bf16 weights in fp32 blocks from 4 rows up, so bf16 costs no
+    speed on CPUs without native bf16 (measured in docs/benchmarks.md, "Engine")."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from chatglm.quant_format import QuantMode
+    from chatglm.quant_kernels import QuantKernel, default_kernel
+
+    mode = QuantMode.parse(quantize)
+    if mode is QuantMode.NONE:
+        return torch.bfloat16 if checkpoint_dtype in ("float16", "bfloat16") else torch.float32
+    return torch.float32 if default_kernel(mode, device) is QuantKernel.CPU_AVX2 else torch.bfloat16
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64  # sequences decoding at once
