@@ -84,11 +84,15 @@ class AsyncEngine:
                    base_model_id: str | None = None, **limits: Any) -> "AsyncEngine":
         """Load a base model folder (and its tokenizer) and build an engine; `limits` are EngineConfig fields."""
         from chatglm.checkpoint import load_model
-        from chatglm.config import ChatGLMConfig
+        from chatglm.config import ChatGLMConfig, ConfigError
         from chatglm.tokenizer import ChatGLMTokenizer
 
         if dtype is None:
-            dtype = auto_dtype(quantize, device, ChatGLMConfig.from_json(model_path).torch_dtype)
+            try:
+                stored = ChatGLMConfig.from_json(model_path).torch_dtype
+            except ConfigError:
+                stored = None  # load_model below says what is wrong with the folder
+            dtype = auto_dtype(quantize, device, stored)
         config = EngineConfig(dtype=dtype, device=device, **limits)
         model = load_model(model_path, dtype=config.dtype, device=device, quantize=quantize)
         tokenizer = ChatGLMTokenizer.from_folder(model_path)
