@@ -269,7 +269,7 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - the loop must report, not vanish
                 log.exception("engine step failed; failing every request")
                 self._dead = exc
-                ids = core.fail_all(exc)
+                ids = core.fail_all()
                 self._snap = core.snapshot()
                 self._deliver([], failed=ids, exc=EngineDead(f"the engine loop failed: {exc!r}"))
                 return

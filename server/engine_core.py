@@ -200,7 +200,7 @@ class EngineCore:
             c = self.counters[model] = ModelCounters()
         return c
 
-    def fail_all(self, exc: BaseException) -> list[str]:
+    def fail_all(self) -> list[str]:
         """After a crash: drop every request; returns their ids."""
         ids = list(self.requests)
         for rid in ids:

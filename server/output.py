@@ -7,7 +7,7 @@ so a stop string split across tokens never leaks into the stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from .sequence import FinishReason, RequestOutput, Sequence, TokenLogprob
 
@@ -21,7 +21,7 @@ class Detokenizer(Protocol):
 class Tokenizer(Protocol):
     eos_id: int
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode_continuation(self, ids: list[int]) -> str: ...
 
 
 @dataclass
@@ -45,7 +45,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int, make_detokenizer):
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, make_detokenizer: Callable[[Tokenizer], Detokenizer]):
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id
         self.max_model_len = max_model_len

@@ -161,3 +161,21 @@ def test_shutdown_aborts_what_is_left(fixture_dir):
         assert not first.finished and rest[-1].finish_reason is FinishReason.ABORT
         assert not engine.ready and engine.stats().num_running == 0
     asyncio.run(main())
+
+
+def test_a_crashing_step_fails_requests_with_engine_dead(fixture_dir):
+    from server.errors import EngineDead
+
+    async def main():
+        engine = make_engine(fixture_dir)
+
+        def boom(plan):
+            raise RuntimeError("simulated kernel failure")
+        engine.core.runner.execute = boom
+        with pytest.raises(EngineDead, match="simulated kernel failure"):
+            await run_one(engine, "x", BASE, [5, 6], max_tokens=3)
+        assert not engine.ready
+        with pytest.raises(EngineDead):
+            engine.generate("y", [Target(BASE, [5])], SamplingParams())
+        await engine.shutdown(timeout=0.1)
+    asyncio.run(main())
