@@ -249,15 +249,21 @@ def test_every_readme_block_runs(standins, tmp_path):
     assert reader.ran[0] == "make serve" and len(reader.ran) >= 20, reader.ran
 
 
+def make_dry_run(*args):
+    """`make -n` as a user types it: no "Entering directory" lines even when pytest itself runs under make."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    cmd = ["make", "--no-print-directory", "-n", *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env).stdout
+
+
 def test_make_recipes():
-    recipe = subprocess.run(["make", "-n", "-B", "serve"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    recipe = make_dry_run("-B", "serve")
     lines = recipe.splitlines()
     assert any(re.search(r'pip install -q "torch==2\.13\.0"\s*$', line) for line in lines), recipe
     assert lines[-1] == ".venv/bin/python -m server", recipe
-    cpu = subprocess.run(["make", "-n", "-B", "serve", "TORCH_INDEX=https://download.pytorch.org/whl/cpu"],
-                         cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    cpu = make_dry_run("-B", "serve", "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
     assert 'pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in cpu, cpu
-    test = subprocess.run(["make", "-n", "test"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    test = make_dry_run("test")
     assert test.splitlines()[-1] == ".venv/bin/python -m pytest", test
     assert (REPO_ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "make test"
     text = DOCKERFILE.read_text()  # the README's Docker prose

@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from chatglm.tokenizer import ChatGLMTokenizer
@@ -101,8 +102,10 @@ def setup(argv: list[str] | None = None) -> Run | None:
     """Parse, log the run's parameters, load tokenizer/model/data (THUDM's order) and build the trainer."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
-    logger.warning(f"Process rank: {training_args.local_rank}, device: {training_args.device}, "
-                   f"n_gpu: {training_args.n_gpu}distributed training: {training_args.local_rank != -1}, "
+    distributed = training_args.world_size > 1  # `local_rank` stays -1 under torchrun in transformers 5
+    rank = training_args.local_process_index if distributed else -1
+    logger.warning(f"Process rank: {rank}, device: {training_args.device}, "
+                   f"n_gpu: {training_args.n_gpu}distributed training: {distributed}, "
                    f"16-bits training: {training_args.fp16}")
     logger.info(f"Training/evaluation parameters {training_args}")
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
@@ -176,7 +179,17 @@ def execute(run: Run) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     run = setup(argv)
-    return execute(run) if run is not None else {}
+    results = execute(run) if run is not None else {}
+    leave_process_group()  # on success only: a failed rank must not wait in a barrier its peers never reach
+    return results
+
+
+def leave_process_group() -> None:
+    """Under torchrun: wait for every rank (rank 0 still writes files and the loss plot), then tear the
+    process group down, so no rank exits while gloo still has peers talking to it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

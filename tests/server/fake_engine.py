@@ -246,7 +246,7 @@ def serve(app, *, timeout_graceful_shutdown: float | None = None, wait_ready: bo
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on",
+    config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="on",
                             timeout_graceful_shutdown=timeout_graceful_shutdown)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

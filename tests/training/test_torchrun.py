@@ -18,12 +18,21 @@ def common(model, data, out):
             "--learning_rate 2e-2 --pre_seq_len 4 --disable_tqdm 1 --report_to none")
 
 
+def failure_report(out: str) -> str:
+    """What the ranks said, without torchrun's own launcher traceback (which fills the tail)."""
+    launcher = out.find("Traceback (most recent call last)")
+    own = out[:launcher] if launcher > 0 else out
+    clues = [line for line in own.splitlines()
+             if any(w in line for w in ("rror", "terminate", "what()", "bort", "Signal", "[rank", "WARNING"))]
+    return "\n".join(clues[-40:]) + "\n----- tail -----\n" + own[-3000:]
+
+
 def test_two_processes_match_one_with_the_same_total_batch(fixture_model, adgen, tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     proc = run_cli(["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2", "-m", "training.run",
                     *shlex.split(common(fixture_model, adgen, ddp))], cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, failure_report(out)
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in out
     assert out.count("***** train metrics *****") == 1  # printed by rank 0 only
     main(shlex.split(common(fixture_model, adgen, single)) + ["--gradient_accumulation_steps", "2"])
