@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from .app import ServerState, build_app
+from .auto_quantize import choose_quantize
 from .deferred import DeferredEngine
 from .engine_config import EngineConfig
 from .middleware import RequestIdFilter
@@ -53,7 +54,12 @@ def make_engine(settings: ServerSettings) -> DeferredEngine:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantize = None if settings.quantize is Quantize.NONE else settings.quantize.value
+    if settings.quantize is Quantize.AUTO:
+        choice = choose_quantize(settings.model_path, settings.checkpoints, settings.adapters)
+        quantize = choice.quantize
+        log.info("--quantize auto: %s (%s)", quantize or "as stored", choice.reason)
+    else:
+        quantize = None if settings.quantize is Quantize.NONE else settings.quantize.value
     dtype = None if settings.dtype is DType.AUTO else settings.dtype.value
     limits = settings.engine_limits()
     adapters = {name: str(path) for name, path in settings.adapters.items()}

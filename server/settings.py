@@ -18,20 +18,28 @@ ENGINE_LIMITS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max
                  "max_prefix_len", "max_resident_adapters", "adapter_loading")
 
 
-class Quantize(str, Enum):
+class Choice(str, Enum):
+    """A command-line choice: shown and compared as its value (`--help` lists `none`, not `Quantize.NONE`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Quantize(Choice):
+    AUTO = "auto"  # as stored, else as the served adapters were trained (server/auto_quantize.py)
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
 
 
-class DType(str, Enum):
+class DType(Choice):
     AUTO = "auto"  # float32 on CPU, bfloat16 on GPU (the engine decides)
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
 
 
-class LogLevel(str, Enum):
+class LogLevel(Choice):
     DEBUG = "debug"
     INFO = "info"
     WARNING = "warning"
@@ -42,7 +50,7 @@ class LogLevel(str, Enum):
 class ServerSettings:
     model: Path | None = None  # None: the bundled demo model at checkpoints/demo-base
     model_name: str | None = None  # the base model's id in the API (default: its folder name)
-    quantize: Quantize = Quantize.NONE
+    quantize: Quantize = Quantize.AUTO
     dtype: DType = DType.AUTO
     device: str = "auto"
     checkpoints: Path = DEFAULT_CHECKPOINTS
@@ -112,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", type=Path, help="ChatGLM2 model folder as published (config.json, weights, tokenizer.model). "
                                    f"Default: the bundled demo model at {DEMO_MODEL}")
     add("--model-name", help="the id the base model is served as (default: the model folder's name)")
-    add("--quantize", type=Quantize, choices=list(Quantize), help="quantize the base at load (default none)")
+    add("--quantize", type=Quantize, choices=list(Quantize),
+        help="quantize the base at load: int8, int4 or none. Default auto: a folder stored quantized loads as "
+             "stored, else the base is quantized as the adapters at startup were trained (their quantization_bit)")
     add("--dtype", type=DType, choices=list(DType), help="weights/activations dtype (default auto)")
     add("--device", help="cpu, cuda, cuda:N or auto (default auto: cuda when available)")
     add("--checkpoints", type=Path, help=f"adapter folder: each sub-folder (or name/checkpoint-N) is a model id; "

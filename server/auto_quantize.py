@@ -1,0 +1,66 @@
+"""`--quantize auto` (the default): serve the base the way its adapters were trained on it.
+
+A P-Tuning v2 prefix is trained against one frozen base; THUDM's scripts train on a quantized base
+(`--quantization_bit 4`) and quantize it the same way again for inference. So, unless the operator
+says otherwise: a folder stored quantized (config `quantization_bit`, as chatglm2-6b-int4) loads as
+stored; otherwise the base is quantized as the adapters found at startup were trained (their
+manifest's or config's `quantization_bit`) when they all agree, and left unquantized when they do
+not or when there are none.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatglm.checkpoint import CheckpointError
+
+from .adapter_files import Manifest, discover
+
+_MODES = {0: None, 8: "int8", 4: "int4"}
+
+
+@dataclass(frozen=True)
+class QuantizeChoice:
+    quantize: str | None  # what load_model gets: None = as stored
+    reason: str
+
+
+def _config_bits(folder: Path) -> int:
+    try:
+        d = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return 0
+    return int(d.get("quantization_bit") or 0) if isinstance(d, dict) else 0
+
+
+def trained_bits(folder: Path) -> int:
+    """The base quantization an adapter was trained with: its manifest, else its config (0 = none)."""
+    try:
+        manifest = Manifest.read(folder)
+    except CheckpointError:
+        manifest = None
+    if manifest is not None and manifest.quantization_bit is not None:
+        return int(manifest.quantization_bit or 0)
+    return _config_bits(folder)
+
+
+def choose_quantize(model_path: Path, checkpoints: Path, adapters: dict[str, Path]) -> QuantizeChoice:
+    stored = _config_bits(model_path)
+    if stored:
+        return QuantizeChoice(None, f"the base folder is stored int{stored}")
+    found = {**discover(checkpoints, skip=Path(model_path).resolve()), **adapters}
+    if not found:
+        return QuantizeChoice(None, "no adapters to match")
+    by_bits: dict[int, list[str]] = {}
+    for name, path in found.items():
+        by_bits.setdefault(trained_bits(Path(path)), []).append(name)
+    if len(by_bits) > 1:
+        detail = "; ".join(f"{_MODES.get(b) or 'unquantized'}: {', '.join(sorted(n))}" for b, n in sorted(by_bits.items()))
+        return QuantizeChoice(None, f"the adapters were trained on differently quantized bases ({detail}); "
+                                    "pass --quantize to choose")
+    (bits, names), = by_bits.items()
+    if bits not in _MODES:
+        return QuantizeChoice(None, f"the adapters name quantization_bit {bits}, which this server cannot serve")
+    mode = _MODES[bits]
+    return QuantizeChoice(mode, f"{', '.join(sorted(names))} trained on a {mode or 'unquantized'} base")
