@@ -51,7 +51,7 @@ def server_command(name: str, ours_dir: Path, glm_dir: Path, port: int, threads:
                "--max-num-batched-tokens", str(BATCH_TOKENS), "--log-level", "warning"]
         # bf16: the checkpoint's weights as they are; int8: THUDM-format int8 linears quantized from them
         # at load, activations in the dtype the server picks for its int8 kernel (--dtype auto)
-        cmd += ["--quantize", "int8"] if name == "ours-int8" else ["--dtype", "bfloat16"]
+        cmd += ["--quantize", "int8"] if name == "ours-int8" else ["--quantize", "none", "--dtype", "bfloat16"]
         return cmd, "base", {"ignore_eos": True, "stream_options": {"include_usage": True}}
     if name in ("hf-bf16", "hf-fp32"):
         exe = Path(sys.executable).with_name("transformers")

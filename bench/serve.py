@@ -132,7 +132,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server", "--model", str(args.model), "--model-name", "base", "--port", str(port),
-           "--torch-threads", str(args.threads), "--device", "cpu", "--log-level", args.server_log_level]
+           "--torch-threads", str(args.threads), "--device", "cpu", "--log-level", args.server_log_level,
+           "--quantize", "none"]  # as the engine-alone path loads it
     for name, path in args.adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-serve-server.log", "w")

@@ -5,7 +5,7 @@ A P-Tuning v2 prefix is trained against one frozen base; THUDM's scripts train o
 says otherwise: a folder stored quantized (config `quantization_bit`, as chatglm2-6b-int4) loads as
 stored; otherwise the base is quantized as the adapters found at startup were trained (their
 manifest's or config's `quantization_bit`) when they all agree, and left unquantized when they do
-not or when there are none.
+not or when there are none. Adapters whose config names another architecture do not count.
 """
 from __future__ import annotations
 
@@ -26,12 +26,25 @@ class QuantizeChoice:
     reason: str
 
 
-def _config_bits(folder: Path) -> int:
+ARCHITECTURE = ("num_layers", "hidden_size", "kv_channels", "multi_query_group_num")  # what a prefix's shape needs
+
+
+def _config(folder: Path) -> dict:
     try:
         d = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
-        return 0
-    return int(d.get("quantization_bit") or 0) if isinstance(d, dict) else 0
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _config_bits(folder: Path) -> int:
+    return int(_config(folder).get("quantization_bit") or 0)
+
+
+def made_for(adapter: Path, base_config: dict) -> bool:
+    """False when the adapter's config.json names another architecture (its prefix cannot fit this base)."""
+    own = _config(adapter)
+    return all(own.get(k) == base_config.get(k) for k in ARCHITECTURE if k in own and k in base_config)
 
 
 def trained_bits(folder: Path) -> int:
@@ -49,12 +62,14 @@ def choose_quantize(model_path: Path, checkpoints: Path, adapters: dict[str, Pat
     stored = _config_bits(model_path)
     if stored:
         return QuantizeChoice(None, f"the base folder is stored int{stored}")
-    found = {**discover(checkpoints, skip=Path(model_path).resolve()), **adapters}
+    base_config = _config(model_path)
+    found = {name: Path(path) for name, path in {**discover(checkpoints, skip=Path(model_path).resolve()),
+                                                  **adapters}.items() if made_for(Path(path), base_config)}
     if not found:
-        return QuantizeChoice(None, "no adapters to match")
+        return QuantizeChoice(None, "no adapters of this base's shape to match")
     by_bits: dict[int, list[str]] = {}
     for name, path in found.items():
-        by_bits.setdefault(trained_bits(Path(path)), []).append(name)
+        by_bits.setdefault(trained_bits(path), []).append(name)
     if len(by_bits) > 1:
         detail = "; ".join(f"{_MODES.get(b) or 'unquantized'}: {', '.join(sorted(n))}" for b, n in sorted(by_bits.items()))
         return QuantizeChoice(None, f"the adapters were trained on differently quantized bases ({detail}); "

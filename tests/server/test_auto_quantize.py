@@ -62,6 +62,14 @@ def test_disagreement_none_and_stored_quantized_base(tmp_path):
     assert choice.quantize is None and "stored int4" in choice.reason  # loads as stored
 
 
+def test_adapters_of_another_architecture_do_not_count(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    write_adapter(ckpts / "mine", manifest_bits=4)
+    other = write_adapter(ckpts / "other", config_bits=8)
+    (other / "config.json").write_text(json.dumps({"pre_seq_len": 8, "quantization_bit": 8, "num_layers": 28}))
+    assert choose_quantize(base(tmp_path), ckpts, {}).quantize == "int4"  # the base has 2 layers
+
+
 def test_thudm_fixture_checkpoints_mean_unquantized(fixture_dir):
     choice = choose_quantize(fixture_dir / "model", fixture_dir, {})
     assert choice.quantize is None and "unquantized" in choice.reason
