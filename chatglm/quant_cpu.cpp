@@ -19,6 +19,9 @@ namespace {
 
 constexpr int64_t kBlock = 128;  // activation quantization block, in columns
 constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
+constexpr int64_t kPrefetch = 1024;  // bytes ahead within each weight row: more misses in flight than
+                                     // the hardware prefetcher keeps, which restarts at every 4 KB page
+constexpr int kMaxNR = 4;            // weight rows per pass (4 only for one int8 activation row)
 
 struct QuantizedX {
   std::vector<int16_t> q;  // [M, K] natural column order (int8 weights; ragged tail for int4)
@@ -127,7 +130,8 @@ inline void block4(const int8_t* const* w, const int8_t* const* px, __m256i (*ac
 
 // NR consecutive weight rows against MC activation rows: unscaled dot products into dots[i][r].
 template <int BITS, int MC, int NR>
-void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_t m0, int64_t K, float (*dots)[2]) {
+void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_t m0, int64_t K,
+               float (*dots)[kMaxNR]) {
   const int8_t* w[NR];
   const int16_t* xs[MC];
   const int8_t* px[MC];
@@ -141,7 +145,11 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
     sc[i] = qx.s.data() + (m0 + i) * qx.nb;
     for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_setzero_ps();
   }
+  const int64_t block_bytes = kBlock * BITS / 8;
   for (int64_t b = 0; b < qx.full; ++b) {
+    for (int r = 0; r < NR; ++r)
+      for (int64_t line = 0; line < block_bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w[r]) + kPrefetch + line, _MM_HINT_T0);
     if constexpr (BITS == 8) {
       block8<MC, NR>(w, xs, acc);
       for (int i = 0; i < MC; ++i) xs[i] += kBlock;
@@ -174,9 +182,18 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
 
 template <int BITS, int MC>
 void rows_dispatch(int nr, const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_t m0, int64_t K,
-                   float (*dots)[2]) {
-  if (nr == 2) rows_dots<BITS, MC, 2>(w0, row_bytes, qx, m0, K, dots);
+                   float (*dots)[kMaxNR]) {
+  if constexpr (BITS == 8 && MC == 1) {
+    if (nr == 4) return rows_dots<BITS, MC, 4>(w0, row_bytes, qx, m0, K, dots);
+  }
+  if (nr >= 2) rows_dots<BITS, MC, 2>(w0, row_bytes, qx, m0, K, dots);
   else rows_dots<BITS, MC, 1>(w0, row_bytes, qx, m0, K, dots);
+}
+
+// Rows handled in the pass starting at n: `step` when that many are left, else 2 or 1.
+inline int nr_taken(int64_t step, int64_t n, int64_t n1) {
+  const int64_t left = n1 - n;
+  return static_cast<int>(left >= step ? step : (left >= 2 ? 2 : 1));
 }
 
 // THUDM int4 row -> one int8 per column (high nibble = even column), sign-extended.
@@ -202,7 +219,7 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
   std::atomic<int64_t> next{0};
   constexpr int64_t kGrab = 4;  // tiles per grab: 64 rows, a contiguous stream for the prefetcher
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    float dots[4][2];
+    float dots[4][kMaxNR];
     std::vector<int8_t> scratch(UNPACK ? kRowTile * K : 0);
     for (int64_t g = next.fetch_add(kGrab); g < tiles; g = next.fetch_add(kGrab)) {
       for (int64_t t = g; t < std::min(tiles, g + kGrab); ++t) {
@@ -214,8 +231,9 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
         }
         for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
           const int64_t mc = std::min<int64_t>(kMaxM, M - m0);
-          for (int64_t n = n0; n < n1; n += 2) {
-            const int nr = n + 2 <= n1 ? 2 : 1;
+          const int64_t step = KB == 8 && mc == 1 ? 4 : 2;  // register budget: 4 int8 rows only for one x row
+          for (int64_t n = n0; n < n1; n += nr_taken(step, n, n1)) {
+            const int nr = nr_taken(step, n, n1);
             const int8_t* wr = base + (n - n0) * krow;
             switch (mc) {
               case 4: rows_dispatch<KB, KB == 8 ? 4 : 2>(nr, wr, krow, qx, m0, K, dots); break;
