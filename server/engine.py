@@ -49,6 +49,7 @@ class AsyncEngine:
         self.base_model_id = base_model_id
         self.max_model_len = self.config.max_model_len
         self.model_path = str(model_path) if model_path else None
+        self.created = int(time.time())  # the base model's `created` in /v1/models
         if quantization is None:
             self.quantization_bit = int(model.config.quantization_bit or 0)
         else:
@@ -129,7 +130,7 @@ class AsyncEngine:
     # ---- models ------------------------------------------------------------------------------
     def base_info(self) -> ModelInfo:
         return ModelInfo(id=self.base_model_id, kind=ModelKind.BASE, path=self.model_path, state=LoadState.LOADED,
-                         fingerprint=self.registry.fingerprint(None), created=0)
+                         fingerprint=self.registry.fingerprint(None), created=self.created)
 
     def models(self) -> list[ModelInfo]:
         return [self.base_info(), *self.registry.infos()]

@@ -39,6 +39,11 @@ def validate_request(targets: list[Target], params: SamplingParams, config: Engi
             raise InvalidRequest(f"{name} must be between -2 and 2, got {getattr(p, name)}", name)
     if any(not isinstance(s, str) or not s for s in p.stop):
         raise InvalidRequest("stop strings must be non-empty strings", "stop")
+    if any(not 0 <= t < vocab_size for t in p.stop_token_ids):
+        raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
+    if len(targets) * p.n > config.max_waiting:  # could never be queued: a client error, not a 429 to retry
+        raise InvalidRequest(f"this request needs {len(targets) * p.n} sequences ({len(targets)} model(s) x n={p.n}); "
+                             f"the server queues at most {config.max_waiting} (--max-waiting)", "n")
     for t in targets:
         if not t.prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")

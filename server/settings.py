@@ -12,7 +12,10 @@ from .engine_config import AdapterLoading
 
 ENV_PREFIX = "CHATGLM_"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINTS = REPO_ROOT / "checkpoints"
+# The checkout's checkpoints/; after a non-editable `pip install .` the package sits in site-packages,
+# so the ./checkpoints of the directory the server starts in is the bundled one.
+DEFAULT_CHECKPOINTS = next((d for d in (REPO_ROOT / "checkpoints", Path.cwd() / "checkpoints") if d.is_dir()),
+                           REPO_ROOT / "checkpoints")
 DEMO_MODEL = DEFAULT_CHECKPOINTS / "demo-base"
 ENGINE_LIMITS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "kv_budget_tokens",
                  "max_prefix_len", "max_resident_adapters", "adapter_loading")

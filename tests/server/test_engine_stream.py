@@ -1,5 +1,6 @@
 """Engine streaming behaviour: text, stop rules, prompt reuse, limits, errors, shutdown."""
 import asyncio
+import time
 
 import pytest
 import torch
@@ -149,6 +150,19 @@ def test_overloaded_when_the_queue_is_full(fixture_dir):
         assert all(len(r[0].token_ids) == 30 for r in results)
         assert len((await run_one(engine, "after", BASE, [5], temperature=0.0, max_tokens=2)).token_ids) == 2
     serve(fixture_dir, body, max_num_seqs=1, max_waiting=3)
+
+
+def test_requests_that_could_never_be_queued_are_invalid_not_overloaded(fixture_dir):
+    async def body(engine):
+        vocab = engine.core.runner.model.config.padded_vocab_size
+        with pytest.raises(InvalidRequest, match="max-waiting") as e:
+            engine.generate("too-wide", [Target(BASE, [5, 6, 7])] * 2, SamplingParams(temperature=0.0, n=2))
+        assert e.value.param == "n"
+        with pytest.raises(InvalidRequest, match="stop_token_ids"):
+            engine.generate("bad-stop", [Target(BASE, [5])], SamplingParams(stop_token_ids=[vocab]))
+        assert len((await run_one(engine, "fine", BASE, [5], temperature=0.0, max_tokens=2)).token_ids) == 2
+        assert 0 <= time.time() - engine.base_info().created < 600  # /v1/models `created`: when it was loaded
+    serve(fixture_dir, body, max_num_seqs=2, max_waiting=3)
 
 
 def test_shutdown_aborts_what_is_left(fixture_dir):
