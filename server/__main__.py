@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from .app import ServerState, build_app
-from .auto_quantize import choose_quantize
+from .auto_quantize import choose_quantize, quantization_shown
 from .deferred import DeferredEngine
 from .engine_config import EngineConfig
 from .middleware import RequestIdFilter
@@ -46,7 +46,16 @@ def model_problem(settings: ServerSettings) -> str | None:
     return f"--model {path}: not a ChatGLM2 model folder (no config.json there)"
 
 
-def make_engine(settings: ServerSettings) -> DeferredEngine:
+def quantize_at_load(settings: ServerSettings) -> str | None:
+    """What load_model gets: int8/int4, or None (as stored); `auto` is decided here, once, and logged."""
+    if settings.quantize is not Quantize.AUTO:
+        return None if settings.quantize is Quantize.NONE else settings.quantize.value
+    choice = choose_quantize(settings.model_path, settings.checkpoints, settings.adapters)
+    log.info("--quantize auto: %s (%s)", choice.quantize or "as stored", choice.reason)
+    return choice.quantize
+
+
+def make_engine(settings: ServerSettings, quantize: str | None) -> DeferredEngine:
     import torch
 
     from .engine import AsyncEngine
@@ -54,12 +63,6 @@ def make_engine(settings: ServerSettings) -> DeferredEngine:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if settings.quantize is Quantize.AUTO:
-        choice = choose_quantize(settings.model_path, settings.checkpoints, settings.adapters)
-        quantize = choice.quantize
-        log.info("--quantize auto: %s (%s)", quantize or "as stored", choice.reason)
-    else:
-        quantize = None if settings.quantize is Quantize.NONE else settings.quantize.value
     dtype = None if settings.dtype is DType.AUTO else settings.dtype.value
     limits = settings.engine_limits()
     adapters = {name: str(path) for name, path in settings.adapters.items()}
@@ -84,14 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    engine = make_engine(settings)
+    quantize = quantize_at_load(settings)
+    engine = make_engine(settings, quantize)
     app = build_app(engine, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_timeout)
     server = DrainingServer(config, app.state.server)
     app.state.server.on_fatal = lambda: setattr(server, "should_exit", True)
     log.info("listening on http://%s:%d; base %s (quantization %s, dtype %s, device %s); auth %s; checkpoints %s",
-             settings.host, settings.port, settings.model_path, settings.quantize.value, settings.dtype.value,
+             settings.host, settings.port, settings.model_path, quantization_shown(quantize, settings.model_path),
+             settings.dtype.value,
              settings.device, f"{len(settings.api_keys)} key(s)" if settings.api_keys else "off",
              settings.checkpoints)
     for name, path in settings.adapters.items():

@@ -41,6 +41,12 @@ def _config_bits(folder: Path) -> int:
     return int(_config(folder).get("quantization_bit") or 0)
 
 
+def quantization_shown(quantize: str | None, model_path: Path) -> str:
+    """For the startup log: int8/int4 at load, `int4 as stored`, or none."""
+    bits = _config_bits(Path(model_path))
+    return quantize or (f"int{bits} as stored" if bits else "none")
+
+
 def made_for(adapter: Path, base_config: dict) -> bool:
     """False when the adapter's config.json names another architecture (its prefix cannot fit this base)."""
     own = _config(adapter)
