@@ -17,7 +17,10 @@
 
 namespace {
 
-constexpr int64_t kBlock = 128;  // activation quantization block, in columns
+constexpr int64_t kBlock4 = 128;  // activation quantization block for int4 weights, in columns
+constexpr int64_t kBlock8 = 512;  // for int8 weights: one int32 lane sums 32 vpmaddwd results of at most
+                                  // 2 * 127 * 32767 each (< 2^31), so the fp32 rescale runs every 512 columns
+template <int BITS> constexpr int64_t block_of() { return BITS == 8 ? kBlock8 : kBlock4; }
 constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
 constexpr int64_t kPrefetch = 1024;  // bytes ahead within each weight row: more misses in flight than
                                      // the hardware prefetcher keeps, which restarts at every 4 KB page
@@ -37,8 +40,9 @@ struct QuantizedX {
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
   QuantizedX r;
   const float qmax = bits == 8 ? 32767.f : 16383.f;
-  r.nb = (K + kBlock - 1) / kBlock;
-  r.full = K / kBlock;
+  const int64_t block = bits == 8 ? kBlock8 : kBlock4;
+  r.nb = (K + block - 1) / block;
+  r.full = K / block;
   r.q.assign(M * K, 0);
   r.s.assign(M * r.nb, 0.f);
   if (bits == 4) r.p.assign(M * r.full * 2 * 128, 0), r.corr.assign(M, 0.f);
@@ -46,7 +50,7 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
     const float* xr = x + m * K;
     int16_t* qr = r.q.data() + m * K;
     for (int64_t b = 0; b < r.nb; ++b) {
-      const int64_t k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+      const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
       const float inv = amax > 0.f ? qmax / amax : 0.f;
@@ -84,12 +88,13 @@ inline int nibble(int8_t byte, bool high) {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// int32 lane sums of one full 128-column block: NR int8 weight rows against MC activation rows.
+// int32 lane sums over `len` columns (a multiple of 16, at most kBlock8): NR int8 weight rows against
+// MC activation rows.
 template <int MC, int NR>
-inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*acc)[NR]) {
+inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*acc)[NR], int64_t len = kBlock8) {
   for (int i = 0; i < MC; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_si256();
-  for (int c = 0; c < kBlock; c += 16) {
+  for (int64_t c = 0; c < len; c += 16) {
     __m256i wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + c)));
     for (int i = 0; i < MC; ++i) {
@@ -145,6 +150,7 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
     sc[i] = qx.s.data() + (m0 + i) * qx.nb;
     for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_setzero_ps();
   }
+  constexpr int64_t kBlock = block_of<BITS>();
   const int64_t block_bytes = kBlock * BITS / 8;
   for (int64_t b = 0; b < qx.full; ++b) {
     for (int r = 0; r < NR; ++r)
@@ -164,11 +170,22 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
       for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), sb, accf[i][r]);
     }
   }
-  const int64_t k0 = qx.full * kBlock;
+  int64_t k0 = qx.full * kBlock;
+  if constexpr (BITS == 8) {  // the last, partial block: 16 columns at a time, then the scalar tail below
+    const int64_t vec = (K - k0) & ~int64_t{15};
+    if (vec > 0) {
+      block8<MC, NR>(w, xs, acc, vec);
+      for (int i = 0; i < MC; ++i) {
+        const __m256 sb = _mm256_broadcast_ss(sc[i] + qx.full);
+        for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), sb, accf[i][r]);
+      }
+      k0 += vec;
+    }
+  }
   for (int i = 0; i < MC; ++i) {
     for (int r = 0; r < NR; ++r) {
       float tail = 0.f;
-      if (k0 < K) {  // ragged last block, natural column order
+      if (k0 < K) {  // ragged end, natural column order
         const int8_t* wr = w0 + r * row_bytes;
         const int16_t* xr = qx.q.data() + (m0 + i) * K;
         int32_t t = 0;
