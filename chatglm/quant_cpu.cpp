@@ -17,10 +17,11 @@
 
 namespace {
 
-constexpr int64_t kBlock4 = 128;  // activation quantization block for int4 weights, in columns
-constexpr int64_t kBlock8 = 512;  // for int8 weights: one int32 lane sums 32 vpmaddwd results of at most
-                                  // 2 * 127 * 32767 each (< 2^31), so the fp32 rescale runs every 512 columns
-template <int BITS> constexpr int64_t block_of() { return BITS == 8 ? kBlock8 : kBlock4; }
+// Activation quantization block, in columns: the int32 sums are rescaled in fp32 once per block. int8: one
+// lane sums 32 vpmaddwd results of at most 2 * 127 * 32767 each (< 2^31). int4: 4 sub-blocks of 128
+// columns, each at most ~4e6 a lane.
+constexpr int64_t kBlock = 512;
+constexpr int64_t kSub4 = 128;  // int4 inner block (int16 partial sums must not saturate)
 constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
 constexpr int64_t kPrefetch = 1024;  // bytes ahead within each weight row: more misses in flight than
                                      // the hardware prefetcher keeps, which restarts at every 4 KB page
@@ -28,11 +29,12 @@ constexpr int kMaxNR = 4;            // weight rows per pass (4 only for one int
 
 struct QuantizedX {
   std::vector<int16_t> q;  // [M, K] natural column order (int8 weights; ragged tail for int4)
-  std::vector<int8_t> p;   // int4 only, [M, full blocks * 2 chunks, 128]: per 64 columns the high
-                           // bytes of even and odd columns, then the low 7 bits of even and odd
+  std::vector<int8_t> p;   // int4 only, [M, v4 * 2 chunks, 128]: per 64 columns the high bytes of
+                           // even and odd columns, then the low 7 bits of even and odd
   std::vector<float> s;    // [M, nb] block scales
-  std::vector<float> corr; // [M] int4 only: -8 * sum_b s_b * sum(x_b) over full blocks
+  std::vector<float> corr; // [M] int4 only: -8 * sum_b s_b * sum(x_b) over the vectorized columns
   int64_t nb = 0, full = 0;
+  int64_t v4 = 0;          // int4 only: 128-column sub-blocks the vector path takes (K / 128)
 };
 
 // int8 weights: x -> round(x / s), s = absmax / 32767.  int4 weights: 15-bit x = 128 * h + l with
@@ -40,12 +42,14 @@ struct QuantizedX {
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
   QuantizedX r;
   const float qmax = bits == 8 ? 32767.f : 16383.f;
-  const int64_t block = bits == 8 ? kBlock8 : kBlock4;
+  const int64_t block = kBlock;
   r.nb = (K + block - 1) / block;
   r.full = K / block;
+  r.v4 = bits == 4 ? K / kSub4 : 0;
+  const int64_t vec_end = r.v4 * kSub4;  // int4: columns the vector path takes (and corr covers)
   r.q.assign(M * K, 0);
   r.s.assign(M * r.nb, 0.f);
-  if (bits == 4) r.p.assign(M * r.full * 2 * 128, 0), r.corr.assign(M, 0.f);
+  if (bits == 4) r.p.assign(M * r.v4 * 2 * 128, 0), r.corr.assign(M, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int16_t* qr = r.q.data() + m * K;
@@ -58,12 +62,12 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
         qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(xr[k] * inv)));  // round half to even
-        sum += qr[k];
+        if (k < vec_end) sum += qr[k];
       }
-      if (bits == 4 && b < r.full) r.corr[m] -= 8.f * r.s[m * r.nb + b] * static_cast<float>(sum);
+      if (bits == 4) r.corr[m] -= 8.f * r.s[m * r.nb + b] * static_cast<float>(sum);
     }
-    for (int64_t c = 0; bits == 4 && c < r.full * 2; ++c) {
-      int8_t* pc = r.p.data() + (m * r.full * 2 + c) * 128;
+    for (int64_t c = 0; bits == 4 && c < r.v4 * 2; ++c) {
+      int8_t* pc = r.p.data() + (m * r.v4 * 2 + c) * 128;
       for (int64_t j = 0; j < 64; ++j) {
         const int16_t v = qr[c * 64 + j];
         const int64_t lane = (j & 1) * 32 + (j >> 1);
@@ -88,10 +92,10 @@ inline int nibble(int8_t byte, bool high) {
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// int32 lane sums over `len` columns (a multiple of 16, at most kBlock8): NR int8 weight rows against
+// int32 lane sums over `len` columns (a multiple of 16, at most kBlock): NR int8 weight rows against
 // MC activation rows.
 template <int MC, int NR>
-inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*acc)[NR], int64_t len = kBlock8) {
+inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*acc)[NR], int64_t len = kBlock) {
   for (int i = 0; i < MC; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_si256();
   for (int64_t c = 0; c < len; c += 16) {
@@ -104,7 +108,8 @@ inline void block8(const int8_t* const* w, const int16_t* const* xs, __m256i (*a
   }
 }
 
-// Same for int4 (64 bytes a row): sum of u * x with u = q + 8; the -8 * sum(x) term is QuantizedX::corr.
+// For int4, one 128-column sub-block (64 bytes a row), added to acc: sum of u * x with u = q + 8; the
+// -8 * sum(x) term is QuantizedX::corr.
 template <int MC, int NR>
 inline void block4(const int8_t* const* w, const int8_t* const* px, __m256i (*acc)[NR]) {
   const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(static_cast<char>(0x88));
@@ -130,7 +135,8 @@ inline void block4(const int8_t* const* w, const int8_t* const* px, __m256i (*ac
   const __m256i ones = _mm256_set1_epi16(1), w128 = _mm256_set1_epi16(128);
   for (int i = 0; i < MC; ++i)
     for (int r = 0; r < NR; ++r)
-      acc[i][r] = _mm256_add_epi32(_mm256_madd_epi16(hs[i][r], w128), _mm256_madd_epi16(ls[i][r], ones));
+      acc[i][r] = _mm256_add_epi32(acc[i][r], _mm256_add_epi32(_mm256_madd_epi16(hs[i][r], w128),
+                                                              _mm256_madd_epi16(ls[i][r], ones)));
 }
 
 // NR consecutive weight rows against MC activation rows: unscaled dot products into dots[i][r].
@@ -146,41 +152,51 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
   for (int r = 0; r < NR; ++r) w[r] = w0 + r * row_bytes;
   for (int i = 0; i < MC; ++i) {
     xs[i] = qx.q.data() + (m0 + i) * K;
-    px[i] = BITS == 4 ? qx.p.data() + (m0 + i) * qx.full * 256 : nullptr;
+    px[i] = BITS == 4 ? qx.p.data() + (m0 + i) * qx.v4 * 256 : nullptr;
     sc[i] = qx.s.data() + (m0 + i) * qx.nb;
     for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_setzero_ps();
   }
-  constexpr int64_t kBlock = block_of<BITS>();
-  const int64_t block_bytes = kBlock * BITS / 8;
-  for (int64_t b = 0; b < qx.full; ++b) {
+  auto prefetch = [&](int64_t bytes) {
     for (int r = 0; r < NR; ++r)
-      for (int64_t line = 0; line < block_bytes; line += 64)
+      for (int64_t line = 0; line < bytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w[r]) + kPrefetch + line, _MM_HINT_T0);
-    if constexpr (BITS == 8) {
-      block8<MC, NR>(w, xs, acc);
-      for (int i = 0; i < MC; ++i) xs[i] += kBlock;
-      for (int r = 0; r < NR; ++r) w[r] += kBlock;
-    } else {
-      block4<MC, NR>(w, px, acc);
-      for (int i = 0; i < MC; ++i) px[i] += 256;
-      for (int r = 0; r < NR; ++r) w[r] += kBlock / 2;
-    }
+  };
+  auto rescale = [&](int64_t b) {  // acc (int32) * block scale -> accf
     for (int i = 0; i < MC; ++i) {
       const __m256 sb = _mm256_broadcast_ss(sc[i] + b);
       for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), sb, accf[i][r]);
     }
-  }
-  int64_t k0 = qx.full * kBlock;
-  if constexpr (BITS == 8) {  // the last, partial block: 16 columns at a time, then the scalar tail below
-    const int64_t vec = (K - k0) & ~int64_t{15};
+  };
+  int64_t k0;
+  if constexpr (BITS == 8) {
+    for (int64_t b = 0; b < qx.full; ++b) {
+      prefetch(kBlock);
+      block8<MC, NR>(w, xs, acc);
+      for (int i = 0; i < MC; ++i) xs[i] += kBlock;
+      for (int r = 0; r < NR; ++r) w[r] += kBlock;
+      rescale(b);
+    }
+    k0 = qx.full * kBlock;
+    const int64_t vec = (K - k0) & ~int64_t{15};  // the last, partial block: 16 columns at a time
     if (vec > 0) {
       block8<MC, NR>(w, xs, acc, vec);
-      for (int i = 0; i < MC; ++i) {
-        const __m256 sb = _mm256_broadcast_ss(sc[i] + qx.full);
-        for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][r]), sb, accf[i][r]);
-      }
+      rescale(qx.full);
       k0 += vec;
     }
+  } else {
+    constexpr int64_t kSubs = kBlock / kSub4;
+    for (int64_t b = 0; b * kSubs < qx.v4; ++b) {
+      for (int i = 0; i < MC; ++i)
+        for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_si256();
+      for (int64_t sub = b * kSubs; sub < std::min(qx.v4, (b + 1) * kSubs); ++sub) {
+        prefetch(kSub4 / 2);
+        block4<MC, NR>(w, px, acc);
+        for (int i = 0; i < MC; ++i) px[i] += 256;
+        for (int r = 0; r < NR; ++r) w[r] += kSub4 / 2;
+      }
+      rescale(b);
+    }
+    k0 = qx.v4 * kSub4;
   }
   for (int i = 0; i < MC; ++i) {
     for (int r = 0; r < NR; ++r) {
@@ -190,7 +206,7 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
         const int16_t* xr = qx.q.data() + (m0 + i) * K;
         int32_t t = 0;
         for (int64_t k = k0; k < K; ++k) t += (BITS == 8 ? wr[k] : nibble(wr[k / 2], (k & 1) == 0)) * xr[k];
-        tail = static_cast<float>(t) * sc[i][qx.full];
+        tail = static_cast<float>(t) * sc[i][k0 / kBlock];
       }
       dots[i][r] = hsum(accf[i][r]) + tail + (BITS == 4 ? qx.corr[m0 + i] : 0.f);
     }
