@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (the [train] extra, installed by `make test`)
 
 from bench.glm_convert import convert_folder, convert_model, convert_state_dict  # noqa: E402
 from bench.glm_tokenizer import build_tokenizer, check_same_ids  # noqa: E402
