@@ -59,6 +59,32 @@ class Manifest:
         return {**self.extra, **d}
 
 
+def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict; {} when it is missing or not a JSON object."""
+    try:
+        d = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The manifest, or None when there is none or it is unreadable (loading reports why)."""
+    try:
+        return Manifest.read(folder)
+    except CheckpointError:
+        return None
+
+
+def trained_quantization_bit(folder: Path, manifest: Manifest | None = None) -> int:
+    """The quantization of the base the adapter was trained on: its manifest, else THUDM's config.json
+    (`quantization_bit`, which THUDM's `quantize()` records); 0 = not quantized."""
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    if manifest is not None and manifest.quantization_bit is not None:
+        return int(manifest.quantization_bit or 0)
+    return int(read_config(folder).get("quantization_bit") or 0)
+
+
 def is_adapter_dir(folder: Path) -> bool:
     """Weights plus a manifest, or a config.json that names a pre_seq_len (a base model folder has none)."""
     if not any((folder / n).is_file() for n in WEIGHT_FILES):

@@ -9,7 +9,6 @@ with. At most `max_resident` versions stay loaded (least recently used is droppe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -21,7 +20,8 @@ import torch
 from chatglm.checkpoint import CheckpointError
 from chatglm.config import ChatGLMConfig
 
-from .adapter_files import AdapterVersion, Manifest, discover, is_adapter_dir, load_version, stamp
+from .adapter_files import (AdapterVersion, Manifest, discover, is_adapter_dir, load_version, read_config, read_manifest,
+                            stamp, trained_quantization_bit)
 from .client import LoadState, ModelInfo, ModelKind
 from .errors import AdapterUnavailable, ModelNotFound
 
@@ -217,7 +217,7 @@ class AdapterRegistry:
     def info(self, name: str) -> ModelInfo:
         e = self.entry(name)
         v = e.current
-        manifest = v.manifest if v is not None else _read_manifest(e.path)
+        manifest = v.manifest if v is not None else read_manifest(e.path)
         pre_seq_len, projection = (v.pre_seq_len, v.prefix_projection) if v else _read_shape(e.path, manifest)
         return ModelInfo(
             id=e.name, kind=ModelKind.ADAPTER, parent=self.base_model_id, path=str(e.path),
@@ -239,10 +239,7 @@ class AdapterRegistry:
 
     def _warnings(self, path: Path, manifest: Manifest | None) -> list[str]:
         out = []
-        trained = manifest.quantization_bit if manifest else None
-        if trained is None:
-            trained = _read_config(path).get("quantization_bit")
-        trained = int(trained or 0)
+        trained = trained_quantization_bit(path, manifest)
         if trained != self.quantization_bit:
             out.append(f"trained on a {_QUANT_NAMES.get(trained, f'{trained}-bit')} base, served on a "
                        f"{_QUANT_NAMES.get(self.quantization_bit, f'{self.quantization_bit}-bit')} base: "
@@ -253,23 +250,8 @@ class AdapterRegistry:
         return out
 
 
-def _read_config(path: Path) -> dict:
-    try:
-        d = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        return d if isinstance(d, dict) else {}
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-
-
-def _read_manifest(path: Path) -> Manifest | None:
-    try:
-        return Manifest.read(path)
-    except CheckpointError:
-        return None
-
-
 def _read_shape(path: Path, manifest: Manifest | None) -> tuple[int, bool]:
-    cfg = _read_config(path)
+    cfg = read_config(path)
     pre = cfg.get("pre_seq_len") or (manifest.pre_seq_len if manifest else None) or 0
     proj = cfg.get("prefix_projection", manifest.prefix_projection if manifest else False)
     return int(pre), bool(proj)

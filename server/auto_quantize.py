@@ -9,15 +9,13 @@ not or when there are none. Adapters whose config names another architecture do 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatglm.checkpoint import CheckpointError
-
-from .adapter_files import Manifest, discover
+from .adapter_files import discover, read_config, trained_quantization_bit
 
 _MODES = {0: None, 8: "int8", 4: "int4"}
+ARCHITECTURE = ("num_layers", "hidden_size", "kv_channels", "multi_query_group_num")  # what a prefix's shape needs
 
 
 @dataclass(frozen=True)
@@ -26,19 +24,14 @@ class QuantizeChoice:
     reason: str
 
 
-ARCHITECTURE = ("num_layers", "hidden_size", "kv_channels", "multi_query_group_num")  # what a prefix's shape needs
-
-
-def _config(folder: Path) -> dict:
-    try:
-        d = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 def _config_bits(folder: Path) -> int:
-    return int(_config(folder).get("quantization_bit") or 0)
+    return int(read_config(folder).get("quantization_bit") or 0)
+
+
+def made_for(adapter: Path, base_config: dict) -> bool:
+    """False when the adapter's config.json names another architecture (its prefix cannot fit this base)."""
+    own = read_config(adapter)
+    return all(own.get(k) == base_config.get(k) for k in ARCHITECTURE if k in own and k in base_config)
 
 
 def quantization_shown(quantize: str | None, model_path: Path) -> str:
@@ -47,35 +40,18 @@ def quantization_shown(quantize: str | None, model_path: Path) -> str:
     return quantize or (f"int{bits} as stored" if bits else "none")
 
 
-def made_for(adapter: Path, base_config: dict) -> bool:
-    """False when the adapter's config.json names another architecture (its prefix cannot fit this base)."""
-    own = _config(adapter)
-    return all(own.get(k) == base_config.get(k) for k in ARCHITECTURE if k in own and k in base_config)
-
-
-def trained_bits(folder: Path) -> int:
-    """The base quantization an adapter was trained with: its manifest, else its config (0 = none)."""
-    try:
-        manifest = Manifest.read(folder)
-    except CheckpointError:
-        manifest = None
-    if manifest is not None and manifest.quantization_bit is not None:
-        return int(manifest.quantization_bit or 0)
-    return _config_bits(folder)
-
-
 def choose_quantize(model_path: Path, checkpoints: Path, adapters: dict[str, Path]) -> QuantizeChoice:
     stored = _config_bits(model_path)
     if stored:
         return QuantizeChoice(None, f"the base folder is stored int{stored}")
-    base_config = _config(model_path)
+    base_config = read_config(Path(model_path))
     found = {name: Path(path) for name, path in {**discover(checkpoints, skip=Path(model_path).resolve()),
                                                   **adapters}.items() if made_for(Path(path), base_config)}
     if not found:
         return QuantizeChoice(None, "no adapters of this base's shape to match")
     by_bits: dict[int, list[str]] = {}
     for name, path in found.items():
-        by_bits.setdefault(trained_bits(path), []).append(name)
+        by_bits.setdefault(trained_quantization_bit(path), []).append(name)
     if len(by_bits) > 1:
         detail = "; ".join(f"{_MODES.get(b) or 'unquantized'}: {', '.join(sorted(n))}" for b, n in sorted(by_bits.items()))
         return QuantizeChoice(None, f"the adapters were trained on differently quantized bases ({detail}); "

@@ -3,7 +3,8 @@ import json
 import subprocess
 import sys
 
-from server.auto_quantize import choose_quantize, trained_bits
+from server.adapter_files import trained_quantization_bit as trained_bits
+from server.auto_quantize import choose_quantize
 from server.settings import Quantize, parse_settings
 from tests.conftest import REPO_ROOT
 
