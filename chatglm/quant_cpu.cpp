@@ -23,8 +23,6 @@ namespace {
 constexpr int64_t kBlock = 512;
 constexpr int64_t kSub4 = 128;  // int4 inner block (int16 partial sums must not saturate)
 constexpr int64_t kRowTile = 16;  // weight rows per task: a tile stays in L2 while x streams
-constexpr int64_t kPrefetch = 1024;  // bytes ahead within each weight row: more misses in flight than
-                                     // the hardware prefetcher keeps, which restarts at every 4 KB page
 constexpr int kMaxNR = 4;            // weight rows per pass (4 only for one int8 activation row)
 
 struct QuantizedX {
@@ -156,10 +154,12 @@ void rows_dots(const int8_t* w0, int64_t row_bytes, const QuantizedX& qx, int64_
     sc[i] = qx.s.data() + (m0 + i) * qx.nb;
     for (int r = 0; r < NR; ++r) accf[i][r] = _mm256_setzero_ps();
   }
+  // Software prefetch of the same columns of the next pass's rows (NR rows further on): the next pass is
+  // contiguous with this one, and the hardware prefetcher restarts at every 4 KB page of a row.
   auto prefetch = [&](int64_t bytes) {
     for (int r = 0; r < NR; ++r)
       for (int64_t line = 0; line < bytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w[r]) + kPrefetch + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w[r]) + NR * row_bytes + line, _MM_HINT_T0);
   };
   auto rescale = [&](int64_t b) {  // acc (int32) * block scale -> accf
     for (int i = 0; i < MC; ++i) {
