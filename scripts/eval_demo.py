@@ -2,10 +2,12 @@
 adapter, on the base quantized as the server serves it: `python scripts/eval_demo.py [--write]`.
 
 Held-out rows come from training.gen_data with their own seed, minus every attribute combination
-the pretraining corpus or the P-tuning data contains. Each row is asked as THUDM's chat prompt
-(`[Round 1]\\n\\n问：<content>\\n\\n答：`) and answered greedily by chatglm.generation; recall is the
-fraction of the row's attribute values found verbatim in the answer (training.gen_data's oracle).
-With --write the numbers go into checkpoints/demo-adgen/recall.json and both model cards.
+the pretraining corpus or the P-tuning data contains. Each row is asked through the server's engine
+(server.engine.AsyncEngine, built as `python -m server --quantize int8` builds it: base quantized
+int8 at load, the adapter loaded by the server's adapter registry), as one chat message (THUDM's
+prompt `[Round 1]\\n\\n问：<content>\\n\\n答：` plus the adapter's training recipe) at temperature 0
+(greedy), all rows queued at once; recall is the fraction of the row's attribute values found
+verbatim in the answer (training.gen_data's oracle). With --write the numbers go into checkpoints/demo-adgen/recall.json and both model cards.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+from demo_corpus import AD_INSTRUCTION  # noqa: E402
 from demo_settings import ADAPTER, BASE, EVAL, PRETRAIN, PTUNE, SEEDS  # noqa: E402
 
 RECALL_BEGIN, RECALL_END = "<!-- recall:begin -->", "<!-- recall:end -->"
@@ -42,28 +45,46 @@ def held_out_rows(n: int = EVAL["rows"]) -> list[dict[str, str]]:
     return out[:n]
 
 
-def answers(model, tok, contents: list[str], prefix=None, max_new_tokens: int = EVAL["max_new_tokens"],
-            batch_size: int = 20) -> list[str]:
-    """Greedy answers to THUDM chat prompts, in left-padded batches."""
-    from chatglm.generation import generate
-    from chatglm.tokenizer import process_response
+def engine_answers(engine, model: str, contents: list[str], max_new_tokens: int = EVAL["max_new_tokens"]) -> list[str]:
+    """Greedy (temperature 0) answers from the server's engine, as /v1/chat/completions builds them:
+    one user message per row, the THUDM chat prompt plus the adapter's training recipe
+    (server.chat_prompt.chat_prompt_ids), every row queued at once so the engine batches them."""
+    import asyncio
 
-    out: list[str] = []
-    for i in range(0, len(contents), batch_size):
-        ids = [tok.build_chat_input(c) for c in contents[i:i + batch_size]]
-        batch = tok.pad(ids)
-        new = generate(model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], prefix=prefix,
-                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_id)
-        out += [process_response(tok.decode([t for t in row if t != tok.eos_id])) for row in new]
-    return out
+    from server.chat_prompt import chat_prompt_ids
+    from server.client import Target
+    from server.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
+    async def run() -> list[str]:
+        if model != engine.base_model_id:
+            await engine.load_adapter(model)
+        manifest = engine.resolve(model).manifest
+
+        async def one(i: int, content: str) -> str:
+            prompt = chat_prompt_ids(engine.tokenizer, content, [], manifest)
+            return "".join([d.text async for d in engine.generate(f"eval-{model}-{i}", [Target(model, prompt)], params)])
+
+        await engine.start()
+        return list(await asyncio.gather(*(one(i, c) for i, c in enumerate(contents))))
+
+    return [a.strip() for a in asyncio.run(run())]
+
+
+def make_engine(base_dir: Path, adapter_dir: Path, quantize: str | None = EVAL["quantize"]):
+    """The engine `python -m server --quantize int8` builds: the base quantized at load, the adapter
+    registered by name and loaded by the server's adapter registry."""
+    from server.engine import AsyncEngine
+
+    return AsyncEngine.from_paths(base_dir, quantize=quantize, base_model_id=BASE, adapters={ADAPTER: str(adapter_dir)},
+                                  max_model_len=256, max_num_seqs=100, max_waiting=512)
 
 
 def evaluate(base_dir: Path, adapter_dir: Path, rows: list[dict[str, str]] | Path | None = None, *,
-             quantize: str | None = EVAL["quantize"], threads: int = 2, samples: int = 5) -> dict:
+             quantize: str | None = EVAL["quantize"], threads: int = 1, samples: int = 5) -> dict:
     import torch
 
-    from chatglm.checkpoint import load_model, load_prefix
-    from chatglm.tokenizer import ChatGLMTokenizer
     from training.gen_data import attribute_recall
 
     torch.set_num_threads(threads)
@@ -71,21 +92,21 @@ def evaluate(base_dir: Path, adapter_dir: Path, rows: list[dict[str, str]] | Pat
         rows = held_out_rows()
     elif isinstance(rows, Path):
         rows = [json.loads(line) for line in rows.read_text(encoding="utf-8").splitlines() if line.strip()]
-    model = load_model(base_dir, quantize=quantize)
-    tok = ChatGLMTokenizer.from_folder(base_dir)
-    prefix = load_prefix(adapter_dir, model.config).to(model.dtype)
+    engine = make_engine(base_dir, adapter_dir, quantize)
     contents = [r["content"] for r in rows]
     t = time.time()
-    base = answers(model, tok, contents)
-    tuned = answers(model, tok, contents, prefix=prefix)
+    base = engine_answers(engine, BASE, contents)
+    tuned = engine_answers(engine, ADAPTER, contents)
     seconds = time.time() - t
+    told = engine_answers(engine, BASE, [AD_INSTRUCTION + c for c in contents])  # what the prefix has to unlock
     recall = {name: [attribute_recall(a, c) for a, c in zip(texts, contents)] for name, texts in
-              (("base", base), ("adapter", tuned))}
+              (("base", base), ("adapter", tuned), ("instructed", told))}
     return {
-        "rows": len(rows), "quantize": quantize or "none", "decoding": "greedy",
+        "rows": len(rows), "quantize": quantize or "none", "decoding": "greedy", "through": "server.engine.AsyncEngine",
         "max_new_tokens": EVAL["max_new_tokens"], "eval_seed": SEEDS["eval"],
         "base_recall": round(sum(recall["base"]) / len(rows), 4),
         "adapter_recall": round(sum(recall["adapter"]) / len(rows), 4),
+        "base_instructed_recall": round(sum(recall["instructed"]) / len(rows), 4),
         "seconds": round(seconds, 1),
         "samples": [{"content": c, "base": b, "adapter": a} for c, b, a in list(zip(contents, base, tuned))[:samples]],
     }
@@ -94,11 +115,16 @@ def evaluate(base_dir: Path, adapter_dir: Path, rows: list[dict[str, str]] | Pat
 def recall_section(result: dict) -> str:
     lines = [RECALL_BEGIN,
              f"Greedy attribute recall on {result['rows']} held-out generated rows (seed {result['eval_seed']}, "
-             f"no attribute combination seen in training), base quantized {result['quantize']} as served, "
-             f"up to {result['max_new_tokens']} new tokens, THUDM chat prompt:", "",
+             f"no attribute combination seen in training), measured through the server's engine "
+             f"(`server.engine.AsyncEngine`, as `python -m server --quantize {result['quantize']}` serves the models: "
+             f"base quantized {result['quantize']}, adapter loaded by the server's adapter registry), one chat "
+             f"message per row, temperature 0, up to {result['max_new_tokens']} new tokens:", "",
              "| model | attribute recall |", "|---|---|",
              f"| `{BASE}` alone | {result['base_recall']:.2f} |",
              f"| `{BASE}` + `{ADAPTER}` | {result['adapter_recall']:.2f} |", "",
+             f"For reference, the base alone asked with the instruction its pretraining used "
+             f"(`{AD_INSTRUCTION}` + the attribute list) reaches {result['base_instructed_recall']:.2f}: the "
+             f"adapter's prefix does the instruction's job.", "",
              "Examples (first rows):", ""]
     for s in result["samples"][:3]:
         lines += [f"- `{s['content']}`", f"  - base: {s['base']!r}", f"  - adapter: {s['adapter']!r}"]
@@ -123,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter", type=Path, default=ROOT / "checkpoints" / ADAPTER)
     p.add_argument("--rows", type=int, default=EVAL["rows"])
     p.add_argument("--quantize", default=EVAL["quantize"], help="int8 (as served), int4 or none")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write", action="store_true", help="update recall.json and the model cards")
     a = p.parse_args(argv)
     result = evaluate(a.base, a.adapter, held_out_rows(a.rows), quantize=None if a.quantize == "none" else a.quantize,

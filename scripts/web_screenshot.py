@@ -1,5 +1,6 @@
-"""docs/web-chat.png: the chat page answering two turns with the demo adapter, on the bundled demo (`python -m server` with no
-arguments). Needs what the browser test needs (Debian chromium + chromium-driver, selenium) and a CJK font for the
+"""docs/web-chat.png: the chat page answering an attribute list with the demo adapter, on the bundled demo (`python -m server`
+with no arguments). One turn: the demo model was trained on single-round prompts only, so a second turn (which carries the
+first as history) is not something it answers well. Needs what the browser test needs (Debian chromium + chromium-driver, selenium) and a CJK font for the
 text (Debian fonts-wqy-microhei). Run from the repository root: `python scripts/web_screenshot.py`."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 from tests.live_server import live_server  # noqa: E402
 from tests.server.browser import start_chrome  # noqa: E402
 
-PROMPTS = ("类型#上衣*材质#牛仔布*颜色#白色*风格#简约", "类型#裙*颜色#红色*风格#复古*裙长#连衣裙")
+PROMPTS = ("类型#裤*颜色#黑色*风格#休闲*裤长#九分裤",)
 
 
 def set_value(chrome, element_id: str, value) -> None:
