@@ -60,4 +60,4 @@ def choose_quantize(model_path: Path, checkpoints: Path, adapters: dict[str, Pat
     if bits not in _MODES:
         return QuantizeChoice(None, f"the adapters name quantization_bit {bits}, which this server cannot serve")
     mode = _MODES[bits]
-    return QuantizeChoice(mode, f"{', '.join(sorted(names))} trained on a {mode or 'unquantized'} base")
+    return QuantizeChoice(mode, f"{', '.join(sorted(names))} trained on an {mode or 'unquantized'} base")
