@@ -41,10 +41,10 @@ def quantization_shown(quantize: str | None, model_path: Path) -> str:
 
 
 def choose_quantize(model_path: Path, checkpoints: Path, adapters: dict[str, Path]) -> QuantizeChoice:
-    stored = _config_bits(model_path)
+    base_config = read_config(Path(model_path))
+    stored = int(base_config.get("quantization_bit") or 0)
     if stored:
         return QuantizeChoice(None, f"the base folder is stored int{stored}")
-    base_config = read_config(Path(model_path))
     found = {name: Path(path) for name, path in {**discover(checkpoints, skip=Path(model_path).resolve()),
                                                   **adapters}.items() if made_for(Path(path), base_config)}
     if not found:
