@@ -40,10 +40,9 @@ def act_dtype(act: str) -> torch.dtype:
         return torch.bfloat16
     if act == "fp32":
         return torch.float32
-    import server.engine
+    from server.engine_config import auto_dtype
 
-    auto = getattr(server.engine, "_auto_dtype", None)
-    return auto("int8", "cpu") if auto else torch.bfloat16
+    return auto_dtype("int8", "cpu")
 
 
 def main() -> None:

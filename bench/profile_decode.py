@@ -79,10 +79,9 @@ def profile(fmt: str, model_dir: Path, batch: int, steps: int, prompt_len: int, 
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     dtype = dtypes.get(act or weights)
     if dtype is None:  # quantized weights, activation dtype as AsyncEngine.from_paths picks it
-        import server.engine
+        from server.engine_config import auto_dtype
 
-        auto = getattr(server.engine, "_auto_dtype", None)
-        dtype = auto(quantize, "cpu") if auto else torch.bfloat16
+        dtype = auto_dtype(quantize, "cpu")
     model = load_model(model_dir, dtype=dtype, quantize=quantize)
     tok = ChatGLMTokenizer.from_folder(model_dir)
     config = EngineConfig(dtype=dtype, max_num_seqs=max(batch, 1), max_model_len=prompt_len + steps + 8,

@@ -5,8 +5,10 @@ third of fp32's FLOP/s at large M, and 5-10x slower than fp32 already at M = 16 
 "Versus transformers serve"). A one-row GEMV is memory-bound and fine in bf16. So from
 `UPCAST_MIN_ROWS` rows on, the weight is converted to fp32 one block of output rows at a time (a
 block of ~2 MB stays in cache, so no full fp32 copy is ever written to memory) and multiplied in
-fp32; the result is rounded once to the activation dtype. Weights stay bf16 in memory. Both paths
-accumulate in fp32, so results agree to rounding.
+fp32; the result is rounded once to the activation dtype. Weights stay bf16 in memory. Below
+that, one to three rows with bf16 weights go to the AVX2 GEMV of chatglm/gemv_cpu.cpp (a decode
+step: ~1.3x torch's bf16 GEMV here) when the C++ extension is built. All paths accumulate in fp32,
+so results agree to rounding.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .native import native_unavailable_reason
+
 UPCAST_MIN_ROWS = int(os.environ.get("CHATGLM_UPCAST_MIN_ROWS", "4"))  # 0 disables the fp32 path
+GEMV_MAX_ROWS = 3  # the GEMV kernel's limit
 BLOCK_BYTES = 2 << 20  # fp32 bytes of one converted weight block
 
 
@@ -35,6 +40,17 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
 def wants_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (UPCAST_MIN_ROWS > 0 and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
             and x.dim() > 0 and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] and not native_half_gemm(weight.dtype))
+
+
+def wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
+            and x.dim() > 0 and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()
+            and native_unavailable_reason() is None)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.ops.chatglm_gemv.bf16(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def blocked_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -56,6 +72,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) with the fp32 path above where it pays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if wants_fp32(x, self.weight) and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return blocked_fp32_linear(x, self.weight, self.bias)
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            if wants_fp32(x, self.weight):
+                return blocked_fp32_linear(x, self.weight, self.bias)
+            if wants_gemv(x, self.weight):
+                return bf16_gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_ops
 from .attention import AttentionBackend, DenseAttention, DenseKVCache
 from .config import ChatGLMConfig
 from .cpu_matmul import Linear
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # THUDM: variance in fp32, scale and weight multiply in fp32, one rounding at the end.
+        if fused_ops.use_fused(x, self.weight):
+            return fused_ops.rms_norm(x, self.weight, self.eps)
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
 
@@ -78,10 +81,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         H, G, D = self.num_heads, self.num_groups, self.head_dim
         qkv = self.query_key_value(x)  # [*lead, (H + 2G) * D]
+        fused = fused_ops.use_fused(qkv, rope) and qkv.is_contiguous()
+        if fused:  # one call rotates q and k in place (qkv is this layer's fresh output)
+            qkv = fused_ops.rotary_(qkv, rope, H + G, D)
         q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-        q = apply_rotary(q.unflatten(-1, (H, D)), rope)  # [*lead, H, D]
-        k = apply_rotary(k.unflatten(-1, (G, D)), rope)  # [*lead, G, D]
-        v = v.unflatten(-1, (G, D))  # [*lead, G, D]
+        q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D)), v.unflatten(-1, (G, D))  # [*lead, H|G, D]
+        if not fused:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         out = attention(self.layer_number, q, k, v)  # [*lead, H, D]
         return self.dense(out.flatten(-2))
 
@@ -93,7 +99,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: gate first, then up
+        h = self.dense_h_to_4h(x)  # [*lead, 2 * ffn]: SwiGLU's gate first, then up
+        if fused_ops.use_fused(h):
+            return self.dense_4h_to_h(fused_ops.swiglu(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate) * up)
 
 

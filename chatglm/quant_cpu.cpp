@@ -37,7 +37,8 @@ struct QuantizedX {
 
 // int8 weights: x -> round(x / s), s = absmax / 32767.  int4 weights: 15-bit x = 128 * h + l with
 // h in [-128, 127] and l in [0, 127], so vpmaddubsw (unsigned nibble x signed byte) never saturates.
-QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
+template <typename T>
+QuantizedX quantize_x(const T* x, int64_t M, int64_t K, int bits) {
   QuantizedX r;
   const float qmax = bits == 8 ? 32767.f : 16383.f;
   const int64_t block = kBlock;
@@ -49,17 +50,17 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, int bits) {
   r.s.assign(M * r.nb, 0.f);
   if (bits == 4) r.p.assign(M * r.v4 * 2 * 128, 0), r.corr.assign(M, 0.f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
+    const T* xr = x + m * K;
     int16_t* qr = r.q.data() + m * K;
     for (int64_t b = 0; b < r.nb; ++b) {
       const int64_t k0 = b * block, k1 = std::min(K, k0 + block);
       float amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(static_cast<float>(xr[k])));
       const float inv = amax > 0.f ? qmax / amax : 0.f;
       r.s[m * r.nb + b] = amax / qmax;
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
-        qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(xr[k] * inv)));  // round half to even
+        qr[k] = static_cast<int16_t>(_mm_cvtss_si32(_mm_set_ss(static_cast<float>(xr[k]) * inv)));  // round half to even
         if (k < vec_end) sum += qr[k];
       }
       if (bits == 4) r.corr[m] -= 8.f * r.s[m * r.nb + b] * static_cast<float>(sum);
@@ -284,6 +285,51 @@ void gemm_impl(const QuantizedX& qx, const int8_t* w, const float* wscale, const
   });
 }
 
+// One activation row, int8 weights: each thread walks whole rows in memory order, so it reads one
+// contiguous stream (a grab of consecutive rows) instead of several rows 4 KB apart; x (K int16) stays
+// in L1. Integer sums are exact, so this equals the general path bit for bit.
+void gemv8(const QuantizedX& qx, const int8_t* w, const float* wscale, const float* bias, float* y,
+           int64_t N, int64_t K) {
+  constexpr int64_t kRowsPerGrab = 64;
+  constexpr int64_t kPrefetch = 2048;  // bytes ahead in the stream, into L2
+  const int16_t* x = qx.q.data();
+  const float* sc = qx.s.data();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t n0 = next.fetch_add(kRowsPerGrab); n0 < N; n0 = next.fetch_add(kRowsPerGrab)) {
+      const int64_t n1 = std::min(N, n0 + kRowsPerGrab);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* wr = w + n * K;
+        __m256 accf = _mm256_setzero_ps();
+        auto span = [&](int64_t k0, int64_t len, int64_t b) {  // len: a multiple of 16
+          __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+          int64_t c = 0;
+          for (; c + 32 <= len; c += 32) {
+            if (((k0 + c) & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k0 + c) + kPrefetch, _MM_HINT_T1);
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k0 + c)));
+            const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k0 + c + 16)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, load256(x + k0 + c)));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, load256(x + k0 + c + 16)));
+          }
+          if (c < len) {
+            const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k0 + c)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, load256(x + k0 + c)));
+          }
+          accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_broadcast_ss(sc + b), accf);
+        };
+        for (int64_t b = 0; b < qx.full; ++b) span(b * kBlock, kBlock, b);
+        int64_t k0 = qx.full * kBlock;
+        const int64_t vec = (K - k0) & ~int64_t{15};
+        if (vec > 0) span(k0, vec, qx.full), k0 += vec;
+        int32_t t = 0;
+        for (int64_t k = k0; k < K; ++k) t += wr[k] * x[k];
+        const float tail = k0 < K ? static_cast<float>(t) * sc[k0 / kBlock] : 0.f;
+        y[n] = (hsum(accf) + tail) * wscale[n] + (bias ? bias[n] : 0.f);
+      }
+    }
+  });
+}
+
 constexpr int64_t kUnpackRows = 8;  // int4 with at least this many activation rows: unpack tiles
 
 // x [M, K] float32/bfloat16; weight int8 [N, K*bits/8]; scale [N] float32; bias [N] float32 or None.
@@ -297,23 +343,36 @@ at::Tensor weight_only_mm(const at::Tensor& x, const at::Tensor& weight, const a
   TORCH_CHECK(weight.size(1) * 8 == K * bits, "chatglm_quant::mm: weight has ", weight.size(1),
               " bytes per row, expected ", K * bits / 8, " for K=", K, " at ", bits, " bits");
   TORCH_CHECK(scale.numel() == N, "chatglm_quant::mm: scale must have ", N, " entries");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "chatglm_quant::mm: x must be float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     bf = bias->to(at::kFloat).contiguous();
     TORCH_CHECK(bf.numel() == N, "chatglm_quant::mm: bias must have ", N, " entries");
   }
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return y.to(x.scalar_type());
+  // The kernels write fp32; a bf16 result is rounded from that once, here, without another op call.
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  at::Tensor y = bf16 ? at::empty({M, N}, x.options().dtype(at::kFloat)) : out;
   const bool unpack = bits == 4 && M >= kUnpackRows;
-  const QuantizedX qx = quantize_x(xf.data_ptr<float>(), M, K, unpack ? 8 : static_cast<int>(bits));
+  const int qbits = unpack ? 8 : static_cast<int>(bits);
+  const QuantizedX qx = bf16 ? quantize_x(xc.data_ptr<at::BFloat16>(), M, K, qbits) : quantize_x(xc.data_ptr<float>(), M, K, qbits);
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const int8_t* wp = weight.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  if (bits == 8) gemm_impl<8, false>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
+  if (bits == 8 && M == 1) gemv8(qx, wp, scale.data_ptr<float>(), bp, yp, N, K);
+  else if (bits == 8) gemm_impl<8, false>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
   else if (unpack) gemm_impl<4, true>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
   else gemm_impl<4, false>(qx, wp, scale.data_ptr<float>(), bp, yp, M, N, K);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  if (bf16) {
+    at::BFloat16* op = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, M * N, 1 << 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) op[i] = static_cast<at::BFloat16>(yp[i]);
+    });
+  }
+  return out;
 }
 
 }  // namespace

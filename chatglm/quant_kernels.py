@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from enum import Enum
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from chatglm.native import native_unavailable_reason
 from chatglm.quant_format import QuantMode, dequantize_weight, unpack_int4
-
-log = logging.getLogger(__name__)
-_NATIVE_SRC = Path(__file__).with_name("quant_cpu.cpp")
 
 
 class QuantKernel(Enum):
@@ -27,31 +22,6 @@ class QuantKernel(Enum):
 
 class QuantKernelError(ValueError):
     pass
-
-
-@functools.cache
-def native_unavailable_reason() -> str | None:
-    """None once the AVX2 extension is loaded (built on first use, ~20 s), else why it is not."""
-    if os.environ.get("CHATGLM_QUANT_NATIVE", "1") == "0":
-        return "disabled by CHATGLM_QUANT_NATIVE=0"
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap not in ("AVX2", "AVX512"):
-        return f"torch reports CPU capability {cap}; the kernel needs AVX2"
-    try:
-        from torch.utils import cpp_extension
-
-        flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for uses torch's libgomp
-        cpp_extension.load(name="chatglm_quant_cpu", sources=[str(_NATIVE_SRC)], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    except Exception as exc:  # compiler missing or failing: any of several exception types
-        log.warning("AVX2 quantized kernel unavailable, falling back to aten kernels: %s", exc)
-        return f"building {_NATIVE_SRC.name} failed: {exc}"
-
-    @torch.library.register_fake("chatglm_quant::mm")
-    def _mm_shape(x, weight, scale, bias, bits):  # lets torch.compile / meta tracing see the op
-        return x.new_empty(x.shape[0], weight.shape[0])
-
-    return None
 
 
 @functools.cache
@@ -169,6 +139,8 @@ def run(kernel: QuantKernel, x: torch.Tensor, weight: torch.Tensor, scale: torch
     if kernel is QuantKernel.DEQUANT:
         return _dequant(x, weight, scale, bias, bits)
     if kernel is QuantKernel.CPU_AVX2:
+        if x.dtype not in (torch.float32, torch.bfloat16):  # the kernel reads fp32 or bf16 activations
+            return torch.ops.chatglm_quant.mm(x.float().contiguous(), weight, packed["scale"], bias, bits).to(x.dtype)
         return torch.ops.chatglm_quant.mm(x.contiguous(), weight, packed["scale"], bias, bits)
     if kernel is QuantKernel.CPU_INT8:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weight, packed["ones"])

@@ -61,6 +61,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0  # for requests without a seed
     max_logprobs: int = 20
+    huge_pages: bool = True  # CPU: move the weights onto transparent huge pages at startup
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)

@@ -7,8 +7,12 @@ forward over packed tokens; only attention reads per-sequence rows (server/slot_
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
+from chatglm.huge_pages import move_to_huge_pages
 from chatglm.model import ChatGLM
 
 from .engine_config import EngineConfig
@@ -17,9 +21,17 @@ from .sequence import Sequence
 from .slot_attention import SlotAttention
 
 
+log = logging.getLogger(__name__)
+
+
 class ModelRunner:
     def __init__(self, model: ChatGLM, config: EngineConfig):
         self.model = model
+        if config.huge_pages and torch.device(config.device).type == "cpu":
+            t = time.perf_counter()
+            moved = move_to_huge_pages(model)
+            if moved:
+                log.info("weights on huge pages: %.2f GB in %.1f s", moved / 1e9, time.perf_counter() - t)
         self.config = config
         c = model.config
         self.device = torch.device(config.device)

@@ -17,6 +17,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
+from chatglm import fused_ops
+
 
 class DecodeLayout(Enum):
     DENSE = "dense"  # the decode slots are consecutive: attend over a view
@@ -94,6 +96,9 @@ class SlotAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [N, Hq, D]; k, v [N, G, D] (rotated)
         k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]  # [slots, capacity, G, D]
+        if self.num_decode and not self.prefills and k_cache.dtype == q.dtype and fused_ops.use_fused(q, k_cache):
+            # one C++ call: KV writes and attention, whatever the slots' layout
+            return fused_ops.decode_attention_(k_cache, v_cache, q, k, v, self.slot_ids, self.rows)
         k_cache[self.slot_ids, self.rows] = k.to(k_cache.dtype)
         v_cache[self.slot_ids, self.rows] = v.to(v_cache.dtype)
         N, Hq, D = q.shape
