@@ -1,10 +1,11 @@
-// AVX2 matrix-vector product with bfloat16 weights for one to three activation rows (decode steps).
+// AVX2 matrix-vector product with bfloat16 or float32 weights for one to three activation rows (decode).
 //
 // y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]) accumulated in fp32 and rounded once to x's dtype, as
-// torch's own bf16 matmul does. On AVX2-only CPUs torch's bf16 GEMV converts through slower paths; a
+// torch's own matmul does. On AVX2-only CPUs torch's bf16 GEMV converts through slower paths; a
 // bf16 value is the top half of an fp32, so 16 weights become two fp32 vectors with one shift and one
 // mask: even columns `w << 16`, odd columns `w & 0xffff0000`, multiplied against x split the same way.
-// Each thread reads a run of whole rows in memory order (one contiguous stream).
+// Each thread reads a run of whole rows in memory order (one contiguous stream) and prefetches ahead
+// in it, which also beats the BLAS fp32 GEMV on this kind of machine (docs/benchmarks.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,29 +66,68 @@ void gemv_rows(const uint16_t* w, const float* xe, const float* xo, const float*
   });
 }
 
-// x [M, K] float32/bfloat16 with M in 1..3; weight bfloat16 [N, K]; bias [N] or None.
-at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "chatglm_gemv::bf16: x and weight must be 2-D");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(),
-              "chatglm_gemv::bf16: weight must be contiguous bfloat16");
+template <int M>
+void gemv_rows_f32(const float* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
+  constexpr int64_t kRowsPerGrab = 16;
+  constexpr int64_t kPrefetch = 1024;
+  const int64_t vec = K & ~int64_t{15};
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t n0 = next.fetch_add(kRowsPerGrab); n0 < N; n0 = next.fetch_add(kRowsPerGrab)) {
+      for (int64_t n = n0; n < std::min(N, n0 + kRowsPerGrab); ++n) {
+        const float* wr = w + n * K;
+        __m256 a0[M], a1[M];
+        for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < vec; c += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(wr + c) + kPrefetch, _MM_HINT_T0);
+          const __m256 w0 = _mm256_loadu_ps(wr + c), w1 = _mm256_loadu_ps(wr + c + 8);
+          for (int m = 0; m < M; ++m) {
+            a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + c), a0[m]);
+            a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + c + 8), a1[m]);
+          }
+        }
+        for (int m = 0; m < M; ++m) {
+          float s = hsum8(_mm256_add_ps(a0[m], a1[m]));
+          for (int64_t k = vec; k < K; ++k) s += wr[k] * x[m * K + k];
+          y[m * N + n] = s + (bias ? bias[n] : 0.f);
+        }
+      }
+    }
+  });
+}
+
+// x [M, K] float32/bfloat16 with M in 1..3; weight bfloat16 or float32 [N, K]; bias [N] or None.
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "chatglm_gemv::mv: x and weight must be 2-D");
+  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous(),
+              "chatglm_gemv::mv: weight must be contiguous bfloat16 or float32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(M >= 1 && M <= 3, "chatglm_gemv::bf16: 1 to 3 activation rows, got ", M);
-  TORCH_CHECK(weight.size(1) == K, "chatglm_gemv::bf16: weight has ", weight.size(1), " columns, x has ", K);
+  TORCH_CHECK(M >= 1 && M <= 3, "chatglm_gemv::mv: 1 to 3 activation rows, got ", M);
+  TORCH_CHECK(weight.size(1) == K, "chatglm_gemv::mv: weight has ", weight.size(1), " columns, x has ", K);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor bf;
   if (bias.has_value() && bias->defined()) {
     bf = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bf.numel() == N, "chatglm_gemv::bf16: bias must have ", N, " entries");
+    TORCH_CHECK(bf.numel() == N, "chatglm_gemv::mv: bias must have ", N, " entries");
   }
   const float* xp = xf.data_ptr<float>();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  if (weight.scalar_type() == at::kFloat) {
+    const float* wf = weight.data_ptr<float>();
+    switch (M) {
+      case 1: gemv_rows_f32<1>(wf, xp, bp, yp, N, K); break;
+      case 2: gemv_rows_f32<2>(wf, xp, bp, yp, N, K); break;
+      default: gemv_rows_f32<3>(wf, xp, bp, yp, N, K); break;
+    }
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   const int64_t half = K / 2 + 8;  // padded: the vector loop reads 8 floats at c / 2 < K / 2
   std::vector<float> xe(M * half, 0.f), xo(M * half, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; 2 * j + 1 < K; ++j) xe[m * half + j] = xp[m * K + 2 * j], xo[m * half + j] = xp[m * K + 2 * j + 1];
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
   switch (M) {
     case 1: gemv_rows<1>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
     case 2: gemv_rows<2>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
@@ -98,6 +138,6 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::o
 
 }  // namespace
 
-TORCH_LIBRARY(chatglm_gemv, m) { m.def("bf16(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY(chatglm_gemv, m) { m.def("mv(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(chatglm_gemv, CPU, m) { m.impl("bf16", &bf16_gemv); }
+TORCH_LIBRARY_IMPL(chatglm_gemv, CPU, m) { m.impl("mv", &gemv); }
