@@ -2,13 +2,13 @@
 
 On AVX2-only CPUs (no AVX512-BF16/AMX/AVX-NE-CONVERT) torch's bf16 GEMM is an emulated loop: about a
 third of fp32's FLOP/s at large M, and 5-10x slower than fp32 already at M = 16 (docs/benchmarks.md,
-"Versus transformers serve"). A one-row GEMV is memory-bound and fine in bf16. So from
+"Versus transformers serve"). A GEMV of a few rows is memory-bound. So from
 `UPCAST_MIN_ROWS` rows on, the weight is converted to fp32 one block of output rows at a time (a
 block of ~2 MB stays in cache, so no full fp32 copy is ever written to memory) and multiplied in
 fp32; the result is rounded once to the activation dtype. Weights stay bf16 in memory. Below
 that, one to three rows (a decode step) go to the AVX2 GEMV of chatglm/gemv_cpu.cpp when the C++
-extension is built: ~1.3x torch's bf16 GEMV and ~1.2x its fp32 GEMV here. All paths accumulate in fp32,
-so results agree to rounding.
+extension is built: ~1.9x torch's bf16 GEMV and ~1.5x its fp32 GEMV on this machine. All paths
+accumulate in fp32, so results agree to rounding.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 // torch's own matmul does. On AVX2-only CPUs torch's bf16 GEMV converts through slower paths; a
 // bf16 value is the top half of an fp32, so 16 weights become two fp32 vectors with one shift and one
 // mask: even columns `w << 16`, odd columns `w & 0xffff0000`, multiplied against x split the same way.
-// Each thread reads a run of whole rows in memory order (one contiguous stream) and prefetches ahead
-// in it, which also beats the BLAS fp32 GEMV on this kind of machine (docs/benchmarks.md).
+// Rows are taken several at a time, interleaved, so each load of x serves all of them; this also
+// beats the BLAS fp32 GEMV on this kind of machine (docs/benchmarks.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,67 +32,91 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-template <int M>
-void gemv_rows(const uint16_t* w, const float* xe, const float* xo, const float* x, const float* bias,
-               float* y, int64_t N, int64_t K) {
-  constexpr int64_t kRowsPerGrab = 32;
-  constexpr int64_t kPrefetch = 1024;  // bytes ahead in the stream
-  const int64_t vec = K & ~int64_t{15};
-  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+// Threads take runs of 64 rows; within a run, NR rows at a time (then single rows) go to tile(n, nr).
+template <int NR, typename Tile>
+void for_row_tiles(int64_t N, const Tile& tile) {
+  constexpr int64_t kRowsPerGrab = 64;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t n0 = next.fetch_add(kRowsPerGrab); n0 < N; n0 = next.fetch_add(kRowsPerGrab)) {
-      for (int64_t n = n0; n < std::min(N, n0 + kRowsPerGrab); ++n) {
-        const uint16_t* wr = w + n * K;
-        __m256 ae[M], ao[M];
-        for (int m = 0; m < M; ++m) ae[m] = ao[m] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < vec; c += 16) {
-          if ((c & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + c) + kPrefetch, _MM_HINT_T0);
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c));
-          const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-          const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-          for (int m = 0; m < M; ++m) {
-            ae[m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xe + m * (K / 2 + 8) + c / 2), ae[m]);
-            ao[m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xo + m * (K / 2 + 8) + c / 2), ao[m]);
-          }
-        }
-        for (int m = 0; m < M; ++m) {
-          float s = hsum8(_mm256_add_ps(ae[m], ao[m]));
-          for (int64_t k = vec; k < K; ++k) s += bf16_to_float(wr[k]) * x[m * K + k];
-          y[m * N + n] = s + (bias ? bias[n] : 0.f);
-        }
+      const int64_t n1 = std::min(N, n0 + kRowsPerGrab);
+      for (int64_t n = n0; n < n1;) {
+        const bool full = n1 - n >= NR;
+        tile(n, full);
+        n += full ? NR : 1;
       }
     }
   });
 }
 
-template <int M>
-void gemv_rows_f32(const float* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
-  constexpr int64_t kRowsPerGrab = 16;
-  constexpr int64_t kPrefetch = 1024;
-  const int64_t vec = K & ~int64_t{15};
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t n0 = next.fetch_add(kRowsPerGrab); n0 < N; n0 = next.fetch_add(kRowsPerGrab)) {
-      for (int64_t n = n0; n < std::min(N, n0 + kRowsPerGrab); ++n) {
-        const float* wr = w + n * K;
-        __m256 a0[M], a1[M];
-        for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < vec; c += 16) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr + c) + kPrefetch, _MM_HINT_T0);
-          const __m256 w0 = _mm256_loadu_ps(wr + c), w1 = _mm256_loadu_ps(wr + c + 8);
-          for (int m = 0; m < M; ++m) {
-            a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + c), a0[m]);
-            a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + c + 8), a1[m]);
-          }
-        }
-        for (int m = 0; m < M; ++m) {
-          float s = hsum8(_mm256_add_ps(a0[m], a1[m]));
-          for (int64_t k = vec; k < K; ++k) s += wr[k] * x[m * K + k];
-          y[m * N + n] = s + (bias ? bias[n] : 0.f);
-        }
+// M activation rows against NR bf16 weight rows from `w0` (row stride K): y[m * N + n0 + r].
+template <int M, int NR>
+void bf16_tile(const uint16_t* w0, const float* xe, const float* xo, const float* x, const float* bias,
+               float* y, int64_t n0, int64_t N, int64_t K) {
+  const int64_t vec = K & ~int64_t{15}, half = K / 2 + 8;
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < vec; c += 16) {
+    for (int r = 0; r < NR; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0 + r * K + c));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+      for (int m = 0; m < M; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xe + m * half + c / 2), acc[m][r]);
+        acc[m][r] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xo + m * half + c / 2), acc[m][r]);
       }
     }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum8(acc[m][r]);
+      for (int64_t k = vec; k < K; ++k) s += bf16_to_float(w0[r * K + k]) * x[m * K + k];
+      y[m * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
+    }
+}
+
+// The same for float32 weights.
+template <int M, int NR>
+void f32_tile(const float* w0, const float* x, const float* bias, float* y, int64_t n0, int64_t N, int64_t K) {
+  const int64_t vec = K & ~int64_t{7};
+  __m256 acc[M][NR];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < vec; c += 8) {
+    for (int r = 0; r < NR; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w0 + r * K + c);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + c), acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum8(acc[m][r]);
+      for (int64_t k = vec; k < K; ++k) s += w0[r * K + k] * x[m * K + k];
+      y[m * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
+    }
+}
+
+// Rows interleaved per tile: as many as the registers hold (NR * M accumulators), 8 at one activation
+// row. As in the int8 kernel, interleaved rows sharing each x load and no software prefetch stream
+// fastest here.
+template <int M>
+void gemv_bf16(const uint16_t* w, const float* xe, const float* xo, const float* x, const float* bias,
+               float* y, int64_t N, int64_t K) {
+  constexpr int NR = M == 1 ? 8 : M == 2 ? 4 : 2;
+  for_row_tiles<NR>(N, [&](int64_t n, bool full) {
+    if (full) bf16_tile<M, NR>(w + n * K, xe, xo, x, bias, y, n, N, K);
+    else bf16_tile<M, 1>(w + n * K, xe, xo, x, bias, y, n, N, K);
+  });
+}
+
+template <int M>
+void gemv_f32(const float* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
+  constexpr int NR = M == 1 ? 8 : M == 2 ? 4 : 2;
+  for_row_tiles<NR>(N, [&](int64_t n, bool full) {
+    if (full) f32_tile<M, NR>(w + n * K, x, bias, y, n, N, K);
+    else f32_tile<M, 1>(w + n * K, x, bias, y, n, N, K);
   });
 }
 
@@ -117,9 +141,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   if (weight.scalar_type() == at::kFloat) {
     const float* wf = weight.data_ptr<float>();
     switch (M) {
-      case 1: gemv_rows_f32<1>(wf, xp, bp, yp, N, K); break;
-      case 2: gemv_rows_f32<2>(wf, xp, bp, yp, N, K); break;
-      default: gemv_rows_f32<3>(wf, xp, bp, yp, N, K); break;
+      case 1: gemv_f32<1>(wf, xp, bp, yp, N, K); break;
+      case 2: gemv_f32<2>(wf, xp, bp, yp, N, K); break;
+      default: gemv_f32<3>(wf, xp, bp, yp, N, K); break;
     }
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
@@ -129,9 +153,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
     for (int64_t j = 0; 2 * j + 1 < K; ++j) xe[m * half + j] = xp[m * K + 2 * j], xo[m * half + j] = xp[m * K + 2 * j + 1];
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   switch (M) {
-    case 1: gemv_rows<1>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
-    case 2: gemv_rows<2>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
-    default: gemv_rows<3>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
+    case 1: gemv_bf16<1>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
+    case 2: gemv_bf16<2>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
+    default: gemv_bf16<3>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
