@@ -1,7 +1,7 @@
 // AVX2 weight-only int8/int4 matmul reading THUDM's packed layout directly (no repacked copy).
 //
-// y[m, n] = wscale[n] * sum_k q[n, k] * x[m, k] (+ bias[n]).  Activations are quantized per
-// 128-column block to 16-bit (int8 weights) or 15-bit (int4 weights) integers: the error is at most
+// y[m, n] = wscale[n] * sum_k q[n, k] * x[m, k] (+ bias[n]).  Activations (fp32 or bf16) are quantized
+// per 512-column block to 16-bit (int8 weights) or 15-bit (int4 weights) integers: the error is at most
 // block absmax / 32766, well below bf16 rounding.  Inner loops are integer multiply-adds
 // (vpmaddwd; vpmaddubsw on nibbles for int4); each block's int32 sum is scaled in fp32.
 // int4 bytes hold column 2j in the high nibble and 2j+1 in the low nibble (4-bit two's complement).
