@@ -43,8 +43,9 @@ def wants_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (weight.dtype in (torch.bfloat16, torch.float32) and weight.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
-            and x.dim() > 0 and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()
+    return (weight.dtype in (torch.bfloat16, torch.float32) and weight.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float32) and x.dim() > 0
+            and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()
             and native_unavailable_reason() is None)
 
 

@@ -1,4 +1,4 @@
-"""Per-layer small ops (RMSNorm, rotary, SwiGLU, decode attention) as single C++ calls where that is exact enough and faster.
+"""Per-layer small ops (RMSNorm, rotary, SwiGLU, decode attention) as single C++ calls.
 
 The fused versions (chatglm/fused_cpu.cpp) run on CPU tensors in inference (no autograd) with
 float32 or bfloat16 activations; anything else, or a machine where the extension cannot be built,
@@ -23,7 +23,8 @@ def use_fused(*tensors: torch.Tensor) -> bool:
     """Whether the fused ops may replace the eager ones for these tensors."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors) and fused_available()
+    return (all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
+            and fused_available())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

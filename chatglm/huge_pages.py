@@ -2,7 +2,7 @@
 
 A decode step streams every weight once. On 4 KB pages the CPU's hardware prefetcher stops at each
 page boundary and every page costs a TLB entry, so a stream of weights reads ~25 % slower than the
-same bytes on 2 MB pages (docs/benchmarks.md, "Huge pages"). Linux gives huge pages to anonymous
+same bytes on 2 MB pages (docs/benchmarks.md, quantization run E). Linux gives huge pages to anonymous
 memory advised with MADV_HUGEPAGE before it is first touched (the default THP mode, "madvise"), so
 the weights are copied, one tensor at a time, into such an arena. Peak memory grows by one tensor.
 Where the OS offers no huge pages this changes nothing but the addresses.

@@ -1,8 +1,8 @@
 """The C++ CPU extension (built on first use with torch's cpp_extension, ~30 s, cached afterwards).
 
 One library from three sources: quant_cpu.cpp (AVX2 weight-only int8/int4 matmul,
-`chatglm_quant::mm`), gemv_cpu.cpp (bf16-weight matrix-vector product for decode steps,
-`chatglm_gemv::bf16`) and fused_cpu.cpp (inference versions of the per-layer small ops,
+`chatglm_quant::mm`), gemv_cpu.cpp (bf16/fp32-weight matrix-vector product for decode steps,
+`chatglm_gemv::mv`) and fused_cpu.cpp (inference versions of the per-layer small ops,
 `chatglm_fused::*`).
 """
 from __future__ import annotations
