@@ -43,7 +43,7 @@ def wants_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def wants_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (weight.dtype in (torch.bfloat16, torch.float32) and weight.device.type == "cpu"
+    return (weight.dtype in (torch.bfloat16, torch.float16, torch.float32) and weight.device.type == "cpu"
             and x.dtype in (torch.bfloat16, torch.float32) and x.dim() > 0
             and 0 < x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and weight.is_contiguous()
             and native_unavailable_reason() is None)
@@ -70,7 +70,12 @@ def blocked_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) with the fp32 path above where it pays."""
+    """nn.Linear (same parameters and state-dict keys) with the fp32 paths above where they pay.
+
+    The weight may be half precision under fp32 activations (the server keeps a half-precision
+    checkpoint's output layer so, see `load_model(half_output_layer=...)`): it is then multiplied in
+    fp32 after an exact conversion and the result is fp32.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -78,4 +83,8 @@ class Linear(nn.Linear):
                 return blocked_fp32_linear(x, self.weight, self.bias)
             if wants_gemv(x, self.weight):
                 return gemv(x, self.weight, self.bias)
+            if x.dtype == torch.float32 and self.weight.dtype != x.dtype:
+                return blocked_fp32_linear(x, self.weight, self.bias)
+        if self.weight.dtype != x.dtype:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)

@@ -1,9 +1,12 @@
-// AVX2 matrix-vector product with bfloat16 or float32 weights for one to three activation rows (decode).
+// AVX2 matrix-vector product with bfloat16, float16 or float32 weights for one to three activation rows
+// (decode).
 //
 // y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]) accumulated in fp32 and rounded once to x's dtype, as
 // torch's own matmul does. On AVX2-only CPUs torch's bf16 GEMV converts through slower paths; a
 // bf16 value is the top half of an fp32, so 16 weights become two fp32 vectors with one shift and one
 // mask: even columns `w << 16`, odd columns `w & 0xffff0000`, multiplied against x split the same way.
+// float16 weights convert exactly with F16C, eight at a time, in the float32 path's order, so they give
+// the same bits as the same values stored in float32.
 // Rows are taken several at a time, interleaved, so each load of x serves all of them; this also
 // beats the BLAS fp32 GEMV on this kind of machine (docs/benchmarks.md).
 #include <ATen/ATen.h>
@@ -77,23 +80,26 @@ void bf16_tile(const uint16_t* w0, const float* xe, const float* xo, const float
     }
 }
 
-// The same for float32 weights.
-template <int M, int NR>
-void f32_tile(const float* w0, const float* x, const float* bias, float* y, int64_t n0, int64_t N, int64_t K) {
+// The same for float32 weights, or float16 ones widened as they load (exact, so the same bits).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <int M, int NR, typename W>
+void f32_tile(const W* w0, const float* x, const float* bias, float* y, int64_t n0, int64_t N, int64_t K) {
   const int64_t vec = K & ~int64_t{7};
   __m256 acc[M][NR];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < vec; c += 8) {
     for (int r = 0; r < NR; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w0 + r * K + c);
+      const __m256 wv = load8(w0 + r * K + c);
       for (int m = 0; m < M; ++m) acc[m][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + c), acc[m][r]);
     }
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < NR; ++r) {
       float s = hsum8(acc[m][r]);
-      for (int64_t k = vec; k < K; ++k) s += w0[r * K + k] * x[m * K + k];
+      for (int64_t k = vec; k < K; ++k) s += static_cast<float>(w0[r * K + k]) * x[m * K + k];
       y[m * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
     }
 }
@@ -111,8 +117,8 @@ void gemv_bf16(const uint16_t* w, const float* xe, const float* xo, const float*
   });
 }
 
-template <int M>
-void gemv_f32(const float* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
+template <int M, typename W>
+void gemv_f32(const W* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
   constexpr int NR = M == 1 ? 8 : M == 2 ? 4 : 2;
   for_row_tiles<NR>(N, [&](int64_t n, bool full) {
     if (full) f32_tile<M, NR>(w + n * K, x, bias, y, n, N, K);
@@ -120,11 +126,12 @@ void gemv_f32(const float* w, const float* x, const float* bias, float* y, int64
   });
 }
 
-// x [M, K] float32/bfloat16 with M in 1..3; weight bfloat16 or float32 [N, K]; bias [N] or None.
+// x [M, K] float32/bfloat16 with M in 1..3; weight bfloat16, float16 or float32 [N, K]; bias [N] or None.
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "chatglm_gemv::mv: x and weight must be 2-D");
-  TORCH_CHECK((weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat) && weight.is_contiguous(),
-              "chatglm_gemv::mv: weight must be contiguous bfloat16 or float32");
+  const auto wtype = weight.scalar_type();
+  TORCH_CHECK((wtype == at::kBFloat16 || wtype == at::kHalf || wtype == at::kFloat) && weight.is_contiguous(),
+              "chatglm_gemv::mv: weight must be contiguous bfloat16, float16 or float32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   TORCH_CHECK(M >= 1 && M <= 3, "chatglm_gemv::mv: 1 to 3 activation rows, got ", M);
   TORCH_CHECK(weight.size(1) == K, "chatglm_gemv::mv: weight has ", weight.size(1), " columns, x has ", K);
@@ -138,13 +145,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  if (weight.scalar_type() == at::kFloat) {
-    const float* wf = weight.data_ptr<float>();
-    switch (M) {
-      case 1: gemv_f32<1>(wf, xp, bp, yp, N, K); break;
-      case 2: gemv_f32<2>(wf, xp, bp, yp, N, K); break;
-      default: gemv_f32<3>(wf, xp, bp, yp, N, K); break;
-    }
+  if (wtype == at::kFloat || wtype == at::kHalf) {
+    auto run = [&](const auto* w) {
+      switch (M) {
+        case 1: gemv_f32<1>(w, xp, bp, yp, N, K); break;
+        case 2: gemv_f32<2>(w, xp, bp, yp, N, K); break;
+        default: gemv_f32<3>(w, xp, bp, yp, N, K); break;
+      }
+    };
+    if (wtype == at::kFloat) run(weight.data_ptr<float>());
+    else run(weight.data_ptr<at::Half>());
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   const int64_t half = K / 2 + 8;  // padded: the vector loop reads 8 floats at c / 2 < K / 2

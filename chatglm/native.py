@@ -29,7 +29,7 @@ def native_unavailable_reason() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]  # OpenMP: torch's libgomp
+        flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]  # OpenMP: torch's libgomp
         cpp_extension.load(name="chatglm_cpu_ext", sources=[str(s) for s in SOURCES], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as exc:  # compiler missing or failing: any of several exception types

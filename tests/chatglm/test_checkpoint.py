@@ -33,6 +33,22 @@ def test_dtype_on_load(tmp_path):
     assert chatglm.load_model(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_half_output_layer_keeps_a_half_checkpoint_exact(tmp_path):
+    model = tiny_model().to(torch.float16)
+    chatglm.save_model(model, tmp_path)
+    full = chatglm.load_model(tmp_path, dtype=torch.float32)
+    half = chatglm.load_model(tmp_path, dtype=torch.float32, half_output_layer=True)
+    assert half.transformer.output_layer.weight.dtype == torch.float16 and half.dtype == torch.float32
+    assert torch.equal(half.transformer.output_layer.weight.float(), full.transformer.output_layer.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(half(IDS), full(IDS), rtol=1e-5, atol=1e-5)
+        hidden = torch.randn(1, 1, full.config.hidden_size)
+        assert torch.equal(half.compute_logits(hidden), full.compute_logits(hidden))  # decode: same bits
+    chatglm.save_model(tiny_model(), tmp_path / "fp32")  # nothing to keep: an fp32 file loads as fp32
+    kept = chatglm.load_model(tmp_path / "fp32", half_output_layer=True)
+    assert kept.transformer.output_layer.weight.dtype == torch.float32
+
+
 def test_py_files_are_ignored(tmp_path):
     chatglm.save_model(tiny_model(), tmp_path)
     (tmp_path / "modeling_chatglm.py").write_text("raise SystemExit('executed!')\n")

@@ -39,3 +39,25 @@ def test_linear_keeps_autograd():
     x = torch.randn(6, 16, dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("native", [True, False])
+def test_half_weight_under_fp32_activations(dtype, native, monkeypatch):
+    """A half-precision weight (a server's output layer) multiplies fp32 activations exactly widened."""
+    if not native:
+        monkeypatch.setattr(cpu_matmul, "native_unavailable_reason", lambda: "off for this test")
+    layer = Linear(64, 32, bias=False).to(dtype)
+    ref = Linear(64, 32, bias=False)
+    ref.weight.data = layer.weight.data.float()
+    with torch.no_grad():
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, 64)
+            y = layer(x)
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y, F.linear(x, ref.weight), rtol=1e-5, atol=1e-5)
+            if rows <= cpu_matmul.GEMV_MAX_ROWS and native and dtype == torch.float16:
+                assert torch.equal(y, ref(x))  # fp16 takes the fp32 kernel's order: same bits
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()  # under autograd the weight is widened for F.linear
+    assert x.grad is not None

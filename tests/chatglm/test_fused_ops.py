@@ -102,6 +102,18 @@ def test_gemv_matches_linear(wdtype, rows, n, k):
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * k ** 0.5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("n,k", [(1, 1), (9, 17), (70, 260)])
+def test_gemv_fp16_weights_give_the_bits_of_fp32_weights(rows, n, k):
+    g = torch.Generator().manual_seed(5)
+    w16 = torch.randn(n, k, generator=g).half()
+    x = torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g)
+    got = torch.ops.chatglm_gemv.mv(x, w16, b)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.ops.chatglm_gemv.mv(x, w16.float(), b))  # widening is exact
+
+
 def test_move_to_huge_pages_keeps_values_and_parameters():
     lin = torch.nn.Linear(512, 1024).bfloat16()  # 1 MiB weight: moved; bias: stays
     param = lin.weight
