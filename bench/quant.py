@@ -1,6 +1,6 @@
 """Decode/prefill speed, memory and bandwidth efficiency of bf16, int8 and int4 on a chatglm2-6b-shaped model.
 
-    python bench/quant.py [--modes bf16,int8,int4] [--threads 2] [--decode 16] [--prefill 128]
+    python bench/quant.py [--modes bf16,int8,int4] [--threads 2] [--decode 24] [--block 4] [--prefill 128]
     python bench/quant.py --cuda ../shared/fixtures/chatglm2-tiny/model   # GPU: kernels vs CPU dequant, speed
 
 The real ChatGLM class with random weights, built on meta and materialized in place in its final
@@ -8,7 +8,8 @@ dtype (bf16, or int8/int4 THUDM-format linears via swap_in_empty_quantized): nev
 Each mode runs in a fresh subprocess so its resident memory is its own. The bandwidth bound is
 measured read bandwidth / bytes of weights read per decoded token (all layers + output layer). The
 weights sit on transparent huge pages as in the server, and the bandwidth is the better of normal
-and huge-page memory.
+and huge-page memory. Besides the median and best step against the best read of the run, "paired" holds
+each block of `--block` decode steps against reads made right before it (see `paired_ratios`).
 """
 from __future__ import annotations
 
@@ -58,6 +59,34 @@ def bandwidth_gbs(threads: int, gib: int = 1, runs: int = 7) -> tuple[float, flo
     return max(results)
 
 
+class ReadProbe:
+    """One torch sum over a `gib` GiB fp32 array kept allocated (on huge pages where the OS has them, as
+    the weights are), so that read bandwidth can be sampled between decode steps."""
+
+    def __init__(self, threads: int, gib: int = 1):
+        torch.set_num_threads(threads)
+        huge = huge_pages_unavailable_reason() is None
+        self.a = huge_page_arena(gib << 30).view(torch.float32) if huge else torch.empty(gib * 2**28)
+        self.a.fill_(1.0)
+        self.a.sum()
+
+    def read_gbs(self, runs: int = 3) -> float:
+        """Best of `runs` reads, GB/s."""
+        best = float("inf")
+        for _ in range(runs):
+            t = time.perf_counter()
+            self.a.sum()
+            best = min(best, time.perf_counter() - t)
+        return self.a.numel() * 4 / best / 1e9
+
+
+def paired_ratios(rounds: list[tuple[float, list[float]]], gb_per_token: float) -> list[float]:
+    """Per round of (read GB/s taken just before it, its decode step times in s): median step speed as
+    a fraction of that round's bound. The host's bandwidth drifts by a third within minutes, so each
+    block of steps is held against reads made next to it rather than against the best read of the run."""
+    return [gb_per_token / statistics.median(steps) / bw for bw, steps in rounds]
+
+
 def _fill(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
     """Tile a random pool over `flat` (random values only need to look like weights, not be i.i.d.)."""
     for start in range(0, flat.numel(), pool.numel()):
@@ -104,7 +133,7 @@ def bytes_per_token(model: ChatGLM) -> int:
     return total
 
 
-def run_mode(mode_name: str, threads: int, decode: int, prefill: int, output_layer: bool) -> dict:
+def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int, output_layer: bool) -> dict:
     mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
     t0 = time.perf_counter()
     model = build(mode, include_output_layer=output_layer)
@@ -113,21 +142,28 @@ def run_mode(mode_name: str, threads: int, decode: int, prefill: int, output_lay
     kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
     bw_now = bandwidth_gbs(threads, runs=3)[0]  # contention on a shared VM drifts: measure next to the run
     torch.set_num_threads(threads)
-    prompt = torch.randint(100, 60000, (1, 16), generator=torch.Generator().manual_seed(1))
-    steps, last = [], time.perf_counter()
-    with torch.no_grad():
-        for _ in iter_generate(model, prompt, max_new_tokens=decode + 1, eos_token_id=-1):
-            now = time.perf_counter()
-            steps.append(now - last)
-            last = now
-    step_s = steps[1:]  # first yield is the 16-token prefill
     long_prompt = torch.randint(100, 60000, (1, prefill), generator=torch.Generator().manual_seed(2))
     t = time.perf_counter()
     with torch.no_grad():
         model(long_prompt, last_only=True)
     prefill_s = time.perf_counter() - t
-    rss, peak = rss_gb()
-    return dict(mode=mode_name, kernels=kernels, threads=threads, build_s=build_s, bandwidth_gbs=bw_now,
+    rss, peak = rss_gb()  # before the bandwidth probe below adds its 1 GiB
+    probe = ReadProbe(threads)
+    prompt = torch.randint(100, 60000, (1, 16), generator=torch.Generator().manual_seed(1))
+    rounds, steps = [], []
+    with torch.no_grad():
+        tokens = iter_generate(model, prompt, max_new_tokens=decode + 2, eos_token_id=-1)
+        next(tokens), next(tokens)  # the 16-token prefill and a first decode step: not timed
+        bw, last = probe.read_gbs(3), time.perf_counter()
+        for _ in tokens:
+            steps.append(time.perf_counter() - last)
+            if len(steps) == block:  # a block of steps held against the reads made just before it
+                rounds.append((bw, steps))
+                steps, bw = [], probe.read_gbs(3)
+            last = time.perf_counter()
+    step_s = [s for _, b in rounds for s in b] + steps
+    return dict(mode=mode_name, kernels=kernels, threads=threads, build_s=build_s,
+                bandwidth_gbs=max(bw_now, *(b for b, _ in rounds)), rounds=rounds,
                 decode_tok_s_median=1 / statistics.median(step_s), decode_tok_s_best=1 / min(step_s),
                 prefill_tok_s=prefill / prefill_s, prefill_s=prefill_s, rss_gb=rss, peak_rss_gb=peak,
                 weight_gb_per_token=bytes_per_token(model) / 1e9)
@@ -187,7 +223,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="bf16,int8,int4")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--decode", type=int, default=16, help="decode steps timed per mode")
+    p.add_argument("--decode", type=int, default=24, help="decode steps timed per mode")
+    p.add_argument("--block", type=int, default=4, help="decode steps between bandwidth reads")
     p.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill timing")
     p.add_argument("--quantize-output-layer", action="store_true",
                    help="also quantize transformer.output_layer (THUDM leaves it in float)")
@@ -198,25 +235,29 @@ def main() -> None:
         cuda_check(args.cuda, args.decode)
         return
     if args.child:
-        print(json.dumps(run_mode(args.child, args.threads, args.decode, args.prefill, args.quantize_output_layer)))
+        print(json.dumps(run_mode(args.child, args.threads, args.decode, args.block, args.prefill,
+                                  args.quantize_output_layer)))
         return
     bw_best, bw_med = bandwidth_gbs(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"memory read bandwidth (torch sum, 1 GiB, {args.threads} threads): best {bw_best:.1f} GB/s, "
-          f"median {bw_med:.1f} GB/s; each mode's bound uses the best of this and its own measurement")
+          f"median {bw_med:.1f} GB/s; each mode's bound uses the best of this and its own reads")
+    print("paired: decode runs in blocks of --block steps, each right after three reads; the median block's")
+    print("        speed as a fraction of the bound from its own reads (RSS is read before the 1 GiB probe)")
     print(f"{'mode':5} {'kernel':9} {'GB/tok':>7} {'decode tok/s med/best':>22} {'BW GB/s':>7} {'bound':>6} "
-          f"{'% bound med/best':>17} {'prefill tok/s':>13} {'RSS GB':>7} {'peak':>6}")
+          f"{'% bound med/best':>17} {'paired':>7} {'prefill tok/s':>13} {'RSS GB':>7} {'peak':>6}")
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads),
-               "--decode", str(args.decode), "--prefill", str(args.prefill)]
+               "--decode", str(args.decode), "--block", str(args.block), "--prefill", str(args.prefill)]
         cmd += ["--quantize-output-layer"] if args.quantize_output_layer else []
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         bw = max(bw_best, r["bandwidth_gbs"])
         bound = bw / r["weight_gb_per_token"]
+        paired = statistics.median(paired_ratios(r["rounds"], r["weight_gb_per_token"]))
         print(f"{mode:5} {','.join(r['kernels']) or 'F.linear':9} {r['weight_gb_per_token']:7.2f} "
               f"{r['decode_tok_s_median']:10.2f} / {r['decode_tok_s_best']:<9.2f} {bw:7.1f} {bound:6.2f} "
               f"{100 * r['decode_tok_s_median'] / bound:7.0f}% / {100 * r['decode_tok_s_best'] / bound:<5.0f}% "
-              f"{r['prefill_tok_s']:13.2f} {r['rss_gb']:7.2f} {r['peak_rss_gb']:6.2f}", flush=True)
+              f"{100 * paired:6.0f}% {r['prefill_tok_s']:13.2f} {r['rss_gb']:7.2f} {r['peak_rss_gb']:6.2f}", flush=True)
 
 
 if __name__ == "__main__":
