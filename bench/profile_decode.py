@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.compare_setup import ensure_models, make_prompts  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-          "chatglm_quant::mm", "aten::linear", "aten::matmul")
+          "chatglm_quant::mm", "chatglm_gemv::mv", "aten::linear", "aten::matmul")
 ATTENTION = ("scaled_dot_product", "flash_attention", "aten::index_put", "aten::_index_put_impl", "attention")
 
 

@@ -5,10 +5,12 @@ third of fp32's FLOP/s at large M, and 5-10x slower than fp32 already at M = 16 
 "Versus transformers serve"). A GEMV of a few rows is memory-bound. So from
 `UPCAST_MIN_ROWS` rows on, the weight is converted to fp32 one block of output rows at a time (a
 block of ~2 MB stays in cache, so no full fp32 copy is ever written to memory) and multiplied in
-fp32; the result is rounded once to the activation dtype. Weights stay bf16 in memory. Below
-that, one to three rows (a decode step) go to the AVX2 GEMV of chatglm/gemv_cpu.cpp when the C++
-extension is built: ~1.9x torch's bf16 GEMV and ~1.5x its fp32 GEMV on this machine. All paths
-accumulate in fp32, so results agree to rounding.
+fp32; the result is rounded once to the activation dtype. Weights stay bf16 in memory. Before that,
+when the C++ extension is built, up to `GEMV_MAX_ROWS` rows (decode steps, batched or not) go to the
+AVX2 kernel of chatglm/gemv_cpu.cpp, which reads each weight once and widens half-precision weights in
+registers: at one row ~1.9x torch's bf16 GEMV and ~1.5x its fp32 GEMV, at 16 rows 1.3-2x both the
+blocked path and torch's fp32 GEMM on this machine (docs/benchmarks.md). All paths accumulate in fp32,
+so results agree to rounding.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import nn
 from .native import native_unavailable_reason
 
 UPCAST_MIN_ROWS = int(os.environ.get("CHATGLM_UPCAST_MIN_ROWS", "4"))  # 0 disables the fp32 path
-GEMV_MAX_ROWS = 3  # the GEMV kernel's limit
+GEMV_MAX_ROWS = 24  # from ~32 rows the GEMMs (blocked or BLAS) are as fast here
 BLOCK_BYTES = 2 << 20  # fp32 bytes of one converted weight block
 
 
@@ -79,10 +81,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            if wants_fp32(x, self.weight):
-                return blocked_fp32_linear(x, self.weight, self.bias)
             if wants_gemv(x, self.weight):
                 return gemv(x, self.weight, self.bias)
+            if wants_fp32(x, self.weight):
+                return blocked_fp32_linear(x, self.weight, self.bias)
             if x.dtype == torch.float32 and self.weight.dtype != x.dtype:
                 return blocked_fp32_linear(x, self.weight, self.bias)
         if self.weight.dtype != x.dtype:

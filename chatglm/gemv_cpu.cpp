@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -117,6 +118,46 @@ void gemv_bf16(const uint16_t* w, const float* xe, const float* xo, const float*
   });
 }
 
+// More activation rows (a batched decode step): NR = 3 weight rows per tile, each tile multiplied by
+// the activation rows four at a time while it is in L1/L2, so the weights are read from memory once
+// and widened in registers (no fp32 copy). Each output sums in the same order as with one to three
+// rows, so a row's result does not depend on how many rows come with it. `tile(C, full, m0, n)` runs
+// the C-row tile kernel on rows m0.. and weight rows n.. (NR of them when `full`, else one).
+template <typename Tile>
+void gemv_many_rows(int64_t M, int64_t N, const Tile& tile) {
+  constexpr int NR = 3, MC = 4;
+  for_row_tiles<NR>(N, [&](int64_t n, bool full) {
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      switch (std::min<int64_t>(MC, M - m0)) {
+        case 4: tile(std::integral_constant<int, 4>{}, full, m0, n); break;
+        case 3: tile(std::integral_constant<int, 3>{}, full, m0, n); break;
+        case 2: tile(std::integral_constant<int, 2>{}, full, m0, n); break;
+        default: tile(std::integral_constant<int, 1>{}, full, m0, n); break;
+      }
+    }
+  });
+}
+
+void gemv_bf16_rows(const uint16_t* w, const float* xe, const float* xo, const float* x, const float* bias,
+                    float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t half = K / 2 + 8;
+  gemv_many_rows(M, N, [&](auto c, bool full, int64_t m0, int64_t n) {
+    constexpr int C = decltype(c)::value;
+    const float *e = xe + m0 * half, *o = xo + m0 * half, *xm = x + m0 * K;
+    if (full) bf16_tile<C, 3>(w + n * K, e, o, xm, bias, y + m0 * N, n, N, K);
+    else bf16_tile<C, 1>(w + n * K, e, o, xm, bias, y + m0 * N, n, N, K);
+  });
+}
+
+template <typename W>
+void gemv_f32_rows(const W* w, const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  gemv_many_rows(M, N, [&](auto c, bool full, int64_t m0, int64_t n) {
+    constexpr int C = decltype(c)::value;
+    if (full) f32_tile<C, 3>(w + n * K, x + m0 * K, bias, y + m0 * N, n, N, K);
+    else f32_tile<C, 1>(w + n * K, x + m0 * K, bias, y + m0 * N, n, N, K);
+  });
+}
+
 template <int M, typename W>
 void gemv_f32(const W* w, const float* x, const float* bias, float* y, int64_t N, int64_t K) {
   constexpr int NR = M == 1 ? 8 : M == 2 ? 4 : 2;
@@ -126,14 +167,17 @@ void gemv_f32(const W* w, const float* x, const float* bias, float* y, int64_t N
   });
 }
 
-// x [M, K] float32/bfloat16 with M in 1..3; weight bfloat16, float16 or float32 [N, K]; bias [N] or None.
+// x [M, K] float32/bfloat16 with M in 1..kMaxRows; weight bfloat16, float16 or float32 [N, K]; bias [N] or
+// None.
+constexpr int64_t kMaxRows = 64;
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, "chatglm_gemv::mv: x and weight must be 2-D");
   const auto wtype = weight.scalar_type();
   TORCH_CHECK((wtype == at::kBFloat16 || wtype == at::kHalf || wtype == at::kFloat) && weight.is_contiguous(),
               "chatglm_gemv::mv: weight must be contiguous bfloat16, float16 or float32");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(M >= 1 && M <= 3, "chatglm_gemv::mv: 1 to 3 activation rows, got ", M);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "chatglm_gemv::mv: 1 to ", kMaxRows, " activation rows, got ", M);
   TORCH_CHECK(weight.size(1) == K, "chatglm_gemv::mv: weight has ", weight.size(1), " columns, x has ", K);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor bf;
@@ -150,7 +194,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
       switch (M) {
         case 1: gemv_f32<1>(w, xp, bp, yp, N, K); break;
         case 2: gemv_f32<2>(w, xp, bp, yp, N, K); break;
-        default: gemv_f32<3>(w, xp, bp, yp, N, K); break;
+        case 3: gemv_f32<3>(w, xp, bp, yp, N, K); break;
+        default: gemv_f32_rows(w, xp, bp, yp, M, N, K); break;
       }
     };
     if (wtype == at::kFloat) run(weight.data_ptr<float>());
@@ -165,7 +210,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const c10::option
   switch (M) {
     case 1: gemv_bf16<1>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
     case 2: gemv_bf16<2>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
-    default: gemv_bf16<3>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
+    case 3: gemv_bf16<3>(wp, xe.data(), xo.data(), xp, bp, yp, N, K); break;
+    default: gemv_bf16_rows(wp, xe.data(), xo.data(), xp, bp, yp, M, N, K); break;
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -51,7 +51,7 @@ def test_half_weight_under_fp32_activations(dtype, native, monkeypatch):
     ref = Linear(64, 32, bias=False)
     ref.weight.data = layer.weight.data.float()
     with torch.no_grad():
-        for rows in (1, 3, 8):
+        for rows in (1, 3, 8, 30):
             x = torch.randn(rows, 64)
             y = layer(x)
             assert y.dtype == torch.float32

@@ -102,6 +102,29 @@ def test_gemv_matches_linear(wdtype, rows, n, k):
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * k ** 0.5)
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [4, 7, 16, 24, 64])
+@pytest.mark.parametrize("n,k", [(1, 1), (10, 17), (70, 260)])
+def test_gemv_many_rows_match_linear_and_single_rows(wdtype, rows, n, k):
+    """A batched decode step's GEMV: each row's result has the bits it has when computed alone."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(n, k, generator=g).to(wdtype)
+    b = torch.randn(n, generator=g)
+    for xdtype in DTYPES:
+        x = torch.randn(rows, k, generator=g).to(xdtype)
+        got = torch.ops.chatglm_gemv.mv(x, w, b)
+        assert got.dtype == xdtype and got.shape == (rows, n)
+        tol = 1e-4 if xdtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b), rtol=tol, atol=tol * k ** 0.5)
+        alone = torch.cat([torch.ops.chatglm_gemv.mv(x[i:i + 1], w, b) for i in range(rows)])
+        assert torch.equal(got, alone)
+
+
+def test_gemv_row_limit_is_checked():
+    with pytest.raises(RuntimeError, match="1 to 64 activation rows"):
+        torch.ops.chatglm_gemv.mv(torch.randn(65, 8), torch.randn(5, 8).bfloat16(), None)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("n,k", [(1, 1), (9, 17), (70, 260)])
 def test_gemv_fp16_weights_give_the_bits_of_fp32_weights(rows, n, k):
