@@ -6,8 +6,8 @@ measured in the same process and run (issue 9's last acceptance line).
 
 The int8 model is bench/quant.py's `build` (random THUDM-format int8 linears materialized in place,
 ~6.5 GB: check `free -g` first), put in the activation dtype the server would use (`--act auto`:
-AsyncEngine's choice). The embedding follows it; the output layer stays in its stored bf16 under fp32
-activations, as the server's `load_model(half_output_layer=True)` keeps it.
+AsyncEngine's choice). Under fp32 activations the embedding and output layer stay in their stored bf16,
+as the server's `load_model(half_vocab_weights=True)` keeps them.
 One greedy request runs through the synchronous EngineCore (scheduler, slot KV, sampler, detokenizer;
 no HTTP). Bound = read bandwidth (torch sum over 1 GiB on huge pages, same threads) / bytes of weights
 read per token (every layer, final norm, output layer, one embedding row). Two statistics:
@@ -70,6 +70,7 @@ def main() -> None:
     model.to(dtype)
     if dtype == torch.float32 and stored in (torch.float16, torch.bfloat16):  # as the server loads it
         model.transformer.output_layer.to(stored)
+        model.transformer.embedding.to(stored)
     build_s = time.perf_counter() - t0
     weight_gb = bytes_per_token(model) / 1e9
     tok = ChatGLMTokenizer.from_folder(TOKENIZER)

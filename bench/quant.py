@@ -1,10 +1,13 @@
 """Decode/prefill speed, memory and bandwidth efficiency of bf16, int8 and int4 on a chatglm2-6b-shaped model.
 
     python bench/quant.py [--modes bf16,int8,int4] [--threads 2] [--decode 24] [--block 4] [--prefill 128]
+                          [--act auto|bf16|fp32]
     python bench/quant.py --cuda ../shared/fixtures/chatglm2-tiny/model   # GPU: kernels vs CPU dequant, speed
 
 The real ChatGLM class with random weights, built on meta and materialized in place in its final
 dtype (bf16, or int8/int4 THUDM-format linears via swap_in_empty_quantized): never a 6B fp32 copy.
+Activations are in the server's dtype for the mode (`--act auto`: bf16 for the bf16 model, fp32 for
+int8/int4 on the AVX2 kernel, with the embedding and output layer kept bf16 as the server keeps them).
 Each mode runs in a fresh subprocess so its resident memory is its own. The bandwidth bound is
 measured read bandwidth / bytes of weights read per decoded token (all layers + output layer). The
 weights sit on transparent huge pages as in the server, and the bandwidth is the better of normal
@@ -133,10 +136,26 @@ def bytes_per_token(model: ChatGLM) -> int:
     return total
 
 
-def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int, output_layer: bool) -> dict:
+def activation_dtype(mode: QuantMode, act: str) -> torch.dtype:
+    """`auto`: what the server picks on this CPU for a bf16 checkpoint (server/engine_config.py)."""
+    if act != "auto":
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[act]
+    from server.engine_config import auto_dtype
+
+    return auto_dtype(None if mode is QuantMode.NONE else mode.value, "cpu", "bfloat16")
+
+
+def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int, output_layer: bool,
+             act: str) -> dict:
     mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
+    dtype = activation_dtype(mode, act)
     t0 = time.perf_counter()
     model = build(mode, include_output_layer=output_layer)
+    if dtype != torch.bfloat16:  # the server keeps half-precision vocab weights under fp32 activations
+        model.to(dtype)
+        model.transformer.embedding.to(torch.bfloat16)
+        if not output_layer:
+            model.transformer.output_layer.to(torch.bfloat16)
     move_to_huge_pages(model)  # as the server does on CPU
     build_s = time.perf_counter() - t0
     kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
@@ -162,7 +181,8 @@ def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int
                 steps, bw = [], probe.read_gbs(3)
             last = time.perf_counter()
     step_s = [s for _, b in rounds for s in b] + steps
-    return dict(mode=mode_name, kernels=kernels, threads=threads, build_s=build_s,
+    return dict(mode=mode_name, act=str(dtype).removeprefix("torch."), kernels=kernels, threads=threads,
+                build_s=build_s,
                 bandwidth_gbs=max(bw_now, *(b for b, _ in rounds)), rounds=rounds,
                 decode_tok_s_median=1 / statistics.median(step_s), decode_tok_s_best=1 / min(step_s),
                 prefill_tok_s=prefill / prefill_s, prefill_s=prefill_s, rss_gb=rss, peak_rss_gb=peak,
@@ -228,6 +248,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128, help="prompt length of the prefill timing")
     p.add_argument("--quantize-output-layer", action="store_true",
                    help="also quantize transformer.output_layer (THUDM leaves it in float)")
+    p.add_argument("--act", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="activation dtype; auto: the server's choice on this CPU (int8/int4 with the AVX2 kernel: fp32)")
     p.add_argument("--cuda", metavar="FIXTURE_MODEL", help="GPU check against the fixture's model folder instead")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -236,7 +258,7 @@ def main() -> None:
         return
     if args.child:
         print(json.dumps(run_mode(args.child, args.threads, args.decode, args.block, args.prefill,
-                                  args.quantize_output_layer)))
+                                  args.quantize_output_layer, args.act)))
         return
     bw_best, bw_med = bandwidth_gbs(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -244,19 +266,21 @@ def main() -> None:
           f"median {bw_med:.1f} GB/s; each mode's bound uses the best of this and its own reads")
     print("paired: decode runs in blocks of --block steps, each right after three reads; the median block's")
     print("        speed as a fraction of the bound from its own reads (RSS is read before the 1 GiB probe)")
-    print(f"{'mode':5} {'kernel':9} {'GB/tok':>7} {'decode tok/s med/best':>22} {'BW GB/s':>7} {'bound':>6} "
+    print(f"{'mode':5} {'act':8} {'kernel':9} {'GB/tok':>7} {'decode tok/s med/best':>22} {'BW GB/s':>7} {'bound':>6} "
           f"{'% bound med/best':>17} {'paired':>7} {'prefill tok/s':>13} {'RSS GB':>7} {'peak':>6}")
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads),
-               "--decode", str(args.decode), "--block", str(args.block), "--prefill", str(args.prefill)]
+               "--decode", str(args.decode), "--block", str(args.block), "--prefill", str(args.prefill),
+               "--act", args.act]
         cmd += ["--quantize-output-layer"] if args.quantize_output_layer else []
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         bw = max(bw_best, r["bandwidth_gbs"])
         bound = bw / r["weight_gb_per_token"]
         paired = statistics.median(paired_ratios(r["rounds"], r["weight_gb_per_token"]))
-        print(f"{mode:5} {','.join(r['kernels']) or 'F.linear':9} {r['weight_gb_per_token']:7.2f} "
+        best_pct = f"{100 * r['decode_tok_s_best'] / bound:.0f}%"
+        print(f"{mode:5} {r['act']:8} {','.join(r['kernels']) or 'F.linear':9} {r['weight_gb_per_token']:7.2f} "
               f"{r['decode_tok_s_median']:10.2f} / {r['decode_tok_s_best']:<9.2f} {bw:7.1f} {bound:6.2f} "
-              f"{100 * r['decode_tok_s_median'] / bound:7.0f}% / {100 * r['decode_tok_s_best'] / bound:<5.0f}% "
+              f"{100 * r['decode_tok_s_median'] / bound:7.0f}% / {best_pct:<6} "
               f"{100 * paired:6.0f}% {r['prefill_tok_s']:13.2f} {r['rss_gb']:7.2f} {r['peak_rss_gb']:6.2f}", flush=True)
 
 

@@ -75,7 +75,7 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) with the fp32 paths above where they pay.
 
     The weight may be half precision under fp32 activations (the server keeps a half-precision
-    checkpoint's output layer so, see `load_model(half_output_layer=...)`): it is then multiplied in
+    checkpoint's output layer so, see `load_model(half_vocab_weights=...)`): it is then multiplied in
     fp32 after an exact conversion and the result is fp32.
     """
 

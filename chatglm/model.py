@@ -147,6 +147,7 @@ class ChatGLMModel(nn.Module):
                       attention: AttentionBackend) -> torch.Tensor:
         """input_ids, position_ids [*lead] -> final-normed hidden states [*lead, hidden]."""
         x = self.embedding.word_embeddings(input_ids)  # [*lead, hidden]
+        x = x.to(self.encoder.final_layernorm.weight.dtype)  # a half-precision table under fp32 activations
         rope = self.rotary_pos_emb(position_ids)  # [*lead, R/2, 2]
         for layer in self.encoder.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -166,7 +167,8 @@ class ChatGLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.embedding.word_embeddings.weight.dtype
+        """The activation dtype (the norms'; the two vocab-sized weights may stay half precision)."""
+        return self.transformer.encoder.final_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:

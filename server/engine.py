@@ -96,7 +96,7 @@ class AsyncEngine:
             dtype = auto_dtype(quantize, device, stored)
         config = EngineConfig(dtype=dtype, device=device, **limits)
         model = load_model(model_path, dtype=config.dtype, device=device, quantize=quantize,
-                           half_output_layer=torch.device(device).type == "cpu")
+                           half_vocab_weights=torch.device(device).type == "cpu")
         tokenizer = ChatGLMTokenizer.from_folder(model_path)
         return cls(model, tokenizer, config, base_model_id=base_model_id or Path(model_path).resolve().name,
                    checkpoints_dir=checkpoints_dir, adapters=adapters, quantization=quantize, model_path=model_path)

@@ -33,20 +33,25 @@ def test_dtype_on_load(tmp_path):
     assert chatglm.load_model(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_half_output_layer_keeps_a_half_checkpoint_exact(tmp_path):
+def test_half_vocab_weights_keep_a_half_checkpoint_exact(tmp_path):
     model = tiny_model().to(torch.float16)
     chatglm.save_model(model, tmp_path)
     full = chatglm.load_model(tmp_path, dtype=torch.float32)
-    half = chatglm.load_model(tmp_path, dtype=torch.float32, half_output_layer=True)
-    assert half.transformer.output_layer.weight.dtype == torch.float16 and half.dtype == torch.float32
-    assert torch.equal(half.transformer.output_layer.weight.float(), full.transformer.output_layer.weight)
+    half = chatglm.load_model(tmp_path, dtype=torch.float32, half_vocab_weights=True)
+    embedding, output = half.transformer.embedding.word_embeddings.weight, half.transformer.output_layer.weight
+    assert embedding.dtype == output.dtype == torch.float16 and half.dtype == torch.float32
+    assert torch.equal(output.float(), full.transformer.output_layer.weight)
+    assert torch.equal(embedding.float(), full.transformer.embedding.word_embeddings.weight)
     with torch.no_grad():
-        torch.testing.assert_close(half(IDS), full(IDS), rtol=1e-5, atol=1e-5)
+        logits = half(IDS)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, full(IDS), rtol=1e-5, atol=1e-5)
         hidden = torch.randn(1, 1, full.config.hidden_size)
         assert torch.equal(half.compute_logits(hidden), full.compute_logits(hidden))  # decode: same bits
     chatglm.save_model(tiny_model(), tmp_path / "fp32")  # nothing to keep: an fp32 file loads as fp32
-    kept = chatglm.load_model(tmp_path / "fp32", half_output_layer=True)
-    assert kept.transformer.output_layer.weight.dtype == torch.float32
+    kept = chatglm.load_model(tmp_path / "fp32", half_vocab_weights=True)
+    assert kept.transformer.output_layer.weight.dtype == kept.transformer.embedding.word_embeddings.weight.dtype
+    assert kept.dtype == torch.float32
 
 
 def test_py_files_are_ignored(tmp_path):
