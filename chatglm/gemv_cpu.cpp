@@ -1,5 +1,5 @@
-// AVX2 matrix-vector product with bfloat16, float16 or float32 weights for one to three activation rows
-// (decode).
+// AVX2 matrix-vector product with bfloat16, float16 or float32 weights for decode steps: one to three
+// activation rows with rows of weights interleaved, more (up to 64) four at a time per weight tile.
 //
 // y[m, n] = sum_k w[n, k] * x[m, k] (+ bias[n]) accumulated in fp32 and rounded once to x's dtype, as
 // torch's own matmul does. On AVX2-only CPUs torch's bf16 GEMV converts through slower paths; a
