@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quant import ReadProbe, bandwidth_gbs, build, bytes_per_token, paired_ratios  # noqa: E402
+from bench.quant import (ReadProbe, activation_dtype, bandwidth_gbs, build, bytes_per_token,  # noqa: E402
+                         paired_ratios, to_serving_dtype)
 from chatglm.quant_format import QuantMode  # noqa: E402
 from chatglm.tokenizer import ChatGLMTokenizer  # noqa: E402
 from server.engine_config import EngineConfig  # noqa: E402
@@ -40,16 +41,6 @@ from server.engine_core import EngineCore, TargetSpec  # noqa: E402
 from server.sampling import SamplingParams  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "chatglm2-tiny" / "model"
-
-
-def act_dtype(act: str) -> torch.dtype:
-    if act == "bf16":
-        return torch.bfloat16
-    if act == "fp32":
-        return torch.float32
-    from server.engine_config import auto_dtype
-
-    return auto_dtype("int8", "cpu")
 
 
 def main() -> None:
@@ -63,14 +54,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bw_before = bandwidth_gbs(args.threads)[0]
-    dtype = act_dtype(args.act)
+    dtype = activation_dtype(QuantMode.INT8, args.act)
     t0 = time.perf_counter()
     model = build(QuantMode.INT8, include_output_layer=args.quantize_output_layer)
-    stored = model.transformer.output_layer.weight.dtype
-    model.to(dtype)
-    if dtype == torch.float32 and stored in (torch.float16, torch.bfloat16):  # as the server loads it
-        model.transformer.output_layer.to(stored)
-        model.transformer.embedding.to(stored)
+    to_serving_dtype(model, dtype)  # as the server loads it
     build_s = time.perf_counter() - t0
     weight_gb = bytes_per_token(model) / 1e9
     tok = ChatGLMTokenizer.from_folder(TOKENIZER)

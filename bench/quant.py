@@ -44,43 +44,43 @@ def rss_gb() -> tuple[float, float]:
 def bandwidth_gbs(threads: int, gib: int = 1, runs: int = 7) -> tuple[float, float]:
     """Best and median read bandwidth: torch sum of a `gib` GiB fp32 array, on normal pages and on
     transparent huge pages (where the OS has them; the weights live there too), whichever reads faster."""
-    torch.set_num_threads(threads)
     results = []
     for huge in (False, True):
         if huge and huge_pages_unavailable_reason() is not None:
             continue
-        a = huge_page_arena(gib << 30).view(torch.float32) if huge else torch.empty(gib * 2**28)
-        a.fill_(1.0)
-        a.sum()
-        ts = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            a.sum()
-            ts.append(time.perf_counter() - t)
-        results.append((a.numel() * 4 / min(ts) / 1e9, a.numel() * 4 / statistics.median(ts) / 1e9))
-        del a
+        probe = ReadProbe(threads, gib, huge=huge)
+        ts = probe.read_times(runs)
+        results.append((probe.nbytes / min(ts) / 1e9, probe.nbytes / statistics.median(ts) / 1e9))
+        del probe
     return max(results)
 
 
 class ReadProbe:
     """One torch sum over a `gib` GiB fp32 array kept allocated (on huge pages where the OS has them, as
-    the weights are), so that read bandwidth can be sampled between decode steps."""
+    the weights are, unless `huge` says otherwise), so that read bandwidth can be sampled between decode
+    steps."""
 
-    def __init__(self, threads: int, gib: int = 1):
+    def __init__(self, threads: int, gib: int = 1, huge: bool | None = None):
         torch.set_num_threads(threads)
-        huge = huge_pages_unavailable_reason() is None
+        if huge is None:
+            huge = huge_pages_unavailable_reason() is None
         self.a = huge_page_arena(gib << 30).view(torch.float32) if huge else torch.empty(gib * 2**28)
+        self.nbytes = self.a.numel() * 4
         self.a.fill_(1.0)
         self.a.sum()
 
-    def read_gbs(self, runs: int = 3) -> float:
-        """Best of `runs` reads, GB/s."""
-        best = float("inf")
+    def read_times(self, runs: int) -> list[float]:
+        """Seconds of each of `runs` reads."""
+        times = []
         for _ in range(runs):
             t = time.perf_counter()
             self.a.sum()
-            best = min(best, time.perf_counter() - t)
-        return self.a.numel() * 4 / best / 1e9
+            times.append(time.perf_counter() - t)
+        return times
+
+    def read_gbs(self, runs: int = 3) -> float:
+        """Best of `runs` reads, GB/s."""
+        return self.nbytes / min(self.read_times(runs)) / 1e9
 
 
 def paired_ratios(rounds: list[tuple[float, list[float]]], gb_per_token: float) -> list[float]:
@@ -145,17 +145,24 @@ def activation_dtype(mode: QuantMode, act: str) -> torch.dtype:
     return auto_dtype(None if mode is QuantMode.NONE else mode.value, "cpu", "bfloat16")
 
 
+def to_serving_dtype(model: ChatGLM, dtype: torch.dtype) -> None:
+    """Put a `build` model (bf16) in activation dtype `dtype` as the server loads it: under fp32
+    activations the embedding and an unquantized output layer keep their stored bf16
+    (`load_model(half_vocab_weights=True)`)."""
+    model.to(dtype)
+    if dtype == torch.float32:
+        model.transformer.embedding.to(torch.bfloat16)
+        if not isinstance(model.transformer.output_layer, QuantizedLinear):
+            model.transformer.output_layer.to(torch.bfloat16)
+
+
 def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int, output_layer: bool,
              act: str) -> dict:
     mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
     dtype = activation_dtype(mode, act)
     t0 = time.perf_counter()
     model = build(mode, include_output_layer=output_layer)
-    if dtype != torch.bfloat16:  # the server keeps half-precision vocab weights under fp32 activations
-        model.to(dtype)
-        model.transformer.embedding.to(torch.bfloat16)
-        if not output_layer:
-            model.transformer.output_layer.to(torch.bfloat16)
+    to_serving_dtype(model, dtype)
     move_to_huge_pages(model)  # as the server does on CPU
     build_s = time.perf_counter() - t0
     kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
