@@ -98,13 +98,14 @@ def _fill(flat: torch.Tensor, pool: torch.Tensor, offset: int) -> None:
 
 
 @torch.no_grad()
-def build(mode: QuantMode, seed: int = 0, include_output_layer: bool = False) -> ChatGLM:
+def build(mode: QuantMode, seed: int = 0, include_output_layer: bool = False,
+          device: torch.device | str = "cpu") -> ChatGLM:
     cfg = ChatGLMConfig(**SHAPE_6B)
     with torch.device("meta"):
         model = ChatGLM(cfg)
     model.to(torch.bfloat16)
     swap_in_empty_quantized(model, mode, dtype=torch.bfloat16, device="meta", include_output_layer=include_output_layer)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     g = torch.Generator().manual_seed(seed)
     qmax = 127 if mode is QuantMode.INT8 else 7
     floats = (torch.randn(1 << 24, generator=g) * 0.02).bfloat16()
@@ -113,6 +114,7 @@ def build(mode: QuantMode, seed: int = 0, include_output_layer: bool = False) ->
         ints = (hi << 4) | (lo & 0xF)
     else:
         ints = torch.randint(-qmax, qmax + 1, (1 << 24,), generator=g, dtype=torch.int8)
+    floats, ints = floats.to(device), ints.to(device)
     for i, (name, p) in enumerate(model.named_parameters()):
         if p.dtype == torch.int8:  # uniform q in [-qmax, qmax]: weight std = scale * qmax / sqrt(3)
             _fill(p.view(-1), ints, 7919 * i)
@@ -196,56 +198,6 @@ def run_mode(mode_name: str, threads: int, decode: int, block: int, prefill: int
                 weight_gb_per_token=bytes_per_token(model) / 1e9)
 
 
-def cuda_check(fixture: str, decode: int) -> None:
-    """GPU: each CUDA kernel vs the CPU dequantized fp32 path on the fixture, then 6B-shape decode speed."""
-    from chatglm.checkpoint import load_model
-    from chatglm.quant_kernels import QuantKernel, unsupported_reason
-
-    dev = torch.device("cuda")
-    print(f"device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    prompts = [torch.tensor([[3001, 3003, 283, 288, 2703, 2731, 2740, 13, 13, 2729, 2724, 777, 13, 13, 2734, 2724]]),
-               torch.tensor([[3001, 3003, 916, 2806, 268, 2720, 677, 315]])]
-    for bits in (8, 4):
-        mode = QuantMode.parse(bits)
-        ref = load_model(fixture, dtype=torch.float16, quantize=bits).float()
-        for m in ref.modules():
-            if isinstance(m, QuantizedLinear):
-                m.prepare(QuantKernel.DEQUANT)
-        for kernel in (QuantKernel.CUDA_TORCH, QuantKernel.CUDA_CPM, QuantKernel.DEQUANT):
-            reason = unsupported_reason(kernel, mode, dev)
-            if reason:
-                print(f"int{bits} {kernel.name}: skipped ({reason})")
-                continue
-            gpu = load_model(fixture, dtype=torch.float16, quantize=bits, device=dev)
-            for m in gpu.modules():
-                if isinstance(m, QuantizedLinear):
-                    m.prepare(kernel)
-            with torch.no_grad():
-                for ids in prompts:
-                    a, b = ref(ids), gpu(ids.to(dev)).float().cpu()
-                    toks_a = [int(t) for t in iter_generate(ref, ids, max_new_tokens=20)]
-                    toks_b = [int(t) for t in iter_generate(gpu, ids.to(dev), max_new_tokens=20)]
-                    print(f"int{bits} {kernel.name}: max |logit diff| {(a - b).abs().max():.3e}, "
-                          f"argmax agree {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}, "
-                          f"greedy equal {toks_a == toks_b}")
-    for mode_name in ("bf16", "int8", "int4"):
-        model = build(QuantMode.parse(None if mode_name == "bf16" else mode_name)).to(dev)
-        prompt = torch.randint(100, 60000, (1, 16), device=dev)
-        steps, last = [], time.perf_counter()
-        with torch.no_grad():
-            for _ in iter_generate(model, prompt, max_new_tokens=decode + 1, eos_token_id=-1):
-                torch.cuda.synchronize()
-                now = time.perf_counter()
-                steps.append(now - last)
-                last = now
-        kernels = sorted({m.kernel.name for m in model.modules() if isinstance(m, QuantizedLinear)})
-        print(f"{mode_name} {kernels}: decode {1 / statistics.median(steps[1:]):.1f} tok/s median, "
-              f"{1 / min(steps[1:]):.1f} best; GPU memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
-        del model
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="bf16,int8,int4")
@@ -261,7 +213,9 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cuda:
-        cuda_check(args.cuda, args.decode)
+        from quant_cuda import cuda_check  # bench/ is on sys.path when this file runs as a script
+
+        cuda_check(args.cuda, args.decode, build, bytes_per_token)
         return
     if args.child:
         print(json.dumps(run_mode(args.child, args.threads, args.decode, args.block, args.prefill,
