@@ -21,6 +21,9 @@ step() {  # name, seconds, command...
   timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]} ($(date +%T)) ==="
 }
-step quant_cuda 170 python3 bench/quant.py --cuda "$FIX/model" --decode 64
-step cuda_engine 170 python3 bench/cuda_engine.py --fixture "$FIX" --gen 32
-step train_cuda 100 python3 bench/train.py --device cuda --configs bf16,bf16-int8,bf16-int4 --steps 3 --batch 4
+ONLY=${ONLY:-quant_cuda,cuda_engine,train_cuda,engine_profile}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+want quant_cuda && step quant_cuda 170 python3 bench/quant.py --cuda "$FIX/model" --decode 64
+want cuda_engine && step cuda_engine 170 python3 bench/cuda_engine.py --fixture "$FIX" --gen 32
+want train_cuda && step train_cuda 100 python3 bench/train.py --device cuda --configs bf16,bf16-int8,bf16-int4 --steps 3 --batch 4
+want engine_profile && step engine_profile 100 python3 bench/cuda_engine.py --fixture "$FIX" --skip-fixture --modes bf16 --profile

@@ -80,7 +80,38 @@ async def fixture_run(fixture: Path, dtype: str, quantize: int | None, device: s
             f"first token equal in {first}/{len(cases)} (one mixed batch, {engine.stats().steps} steps)")
 
 
-async def throughput(fixture: Path, mode_name: str, gen: int, device: str) -> list[str]:
+def profile_steps(engine: AsyncEngine, n: int) -> list:
+    """Profile `n` single-stream decode steps inside the engine thread (where the steps run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    core, orig, calls = engine.core, engine.core.step, []
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:  # after the prefill and a first decode step
+            prof.start()
+        out = orig()
+        if len(calls) == 3 + n:
+            prof.stop()
+        return out
+
+    core.step = step
+    return [prof, core, orig]
+
+
+async def profiled_run(engine: AsyncEngine, n: int) -> list[str]:
+    prof, core, orig = profile_steps(engine, n)
+    try:
+        await load_run(engine, ["bench"], 1, 16, n + 4)
+    finally:
+        core.step = orig
+    avg = prof.key_averages()
+    return [avg.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70),
+            avg.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)]
+
+
+async def throughput(fixture: Path, mode_name: str, gen: int, device: str, profile: bool = False) -> list[str]:
     mode = QuantMode.parse(None if mode_name == "bf16" else mode_name)
     t0 = time.perf_counter()
     model = build(mode, device=device)
@@ -95,6 +126,9 @@ async def throughput(fixture: Path, mode_name: str, gen: int, device: str) -> li
     lines = []
     try:
         await load_run(engine, ["bench"] * 4, 4, 16, 8)  # warm-up
+        if profile:
+            for table in await profiled_run(engine, 6):
+                print(table, flush=True)
         for label, models, clients in (("c1 base", ["bench"] * 2, 1), ("c16 base", ["bench"] * 16, 16),
                                        ("c64 base", ["bench"] * 64, 64),
                                        ("c64 64 adapters", list(adapters), 64)):
@@ -118,12 +152,14 @@ def main() -> None:
     ap.add_argument("--fixture", type=Path, required=True, help="the chatglm2-tiny fixture folder")
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--modes", default="bf16,int8,int4", help="6B-shape throughput runs ('' for none)")
+    ap.add_argument("--profile", action="store_true", help="profile single-stream engine decode (first mode)")
+    ap.add_argument("--skip-fixture", action="store_true")
     ap.add_argument("--device", default="cuda", help="cpu runs the fixture part here, to try the script")
     args = ap.parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"device {name}, torch {torch.__version__}", flush=True)
     print("== fixture greedy generations, engine on CUDA ==", flush=True)
-    for dtype, q in (("float32", None), ("bfloat16", None), ("float32", 8), ("bfloat16", 8), ("float32", 4),
+    for dtype, q in () if args.skip_fixture else (("float32", None), ("bfloat16", None), ("float32", 8), ("bfloat16", 8), ("float32", 4),
                      ("bfloat16", 4)):
         try:
             print(asyncio.run(fixture_run(args.fixture, dtype, q, args.device)), flush=True)
@@ -132,7 +168,7 @@ def main() -> None:
     print("== chatglm2-6b shape, random weights: engine decode throughput on CUDA ==", flush=True)
     for mode_name in filter(None, args.modes.split(",")):
         try:
-            for line in asyncio.run(throughput(args.fixture, mode_name, args.gen, args.device)):
+            for line in asyncio.run(throughput(args.fixture, mode_name, args.gen, args.device, args.profile)):
                 print(line, flush=True)
         except Exception as exc:
             print(f"{mode_name}: failed: {type(exc).__name__}: {exc}", flush=True)

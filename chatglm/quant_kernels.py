@@ -71,7 +71,8 @@ def unsupported_reason(kernel: QuantKernel, mode: QuantMode, device: torch.devic
     if kernel is QuantKernel.CPU_AVX2:
         return native_unavailable_reason()
     if kernel is QuantKernel.CUDA_CPM:
-        return "cpm_kernels has no int4 weight kernel" if mode is QuantMode.INT4 else cpm_unavailable_reason()
+        return ("cpm_kernels' int8 GEMV multiplies int8 activations too (W8A8), not a weight-only kernel"
+                if mode is QuantMode.INT8 else "cpm_kernels has no int4 weight kernel")
     return None
 
 
