@@ -20,8 +20,7 @@ import torch
 
 from chatglm.generation import iter_generate
 from chatglm.quant_format import QuantMode
-from chatglm.quant_kernels import (QuantKernel, cpm_unavailable_reason, cuda_int8pack_unavailable_reason,
-                                   unsupported_reason)
+from chatglm.quant_kernels import QuantKernel, unsupported_reason
 from chatglm.quantize import QuantizedLinear
 
 PROMPTS = [[3001, 3003, 283, 288, 2703, 2731, 2740, 13, 13, 2729, 2724, 777, 13, 13, 2734, 2724],
@@ -178,8 +177,6 @@ def cuda_check(fixture: str, decode: int, build, bytes_per_token) -> None:
     props = torch.cuda.get_device_properties(dev)
     print(f"device {props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
           f"torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"cpm_kernels: {cpm_unavailable_reason() or 'available'}; "
-          f"aten int8 kernel on CUDA: {cuda_int8pack_unavailable_reason(dev) or 'available'}")
     print("== fixture: CUDA kernels vs CPU fp32 dequantized path (THUDM-format int8/int4 weights) ==")
     for line in fixture_check(fixture, dev):
         print(line, flush=True)

@@ -11,9 +11,24 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ChatGLMConfig
 from .prefix import PrefixKV
+
+
+# cuDNN's attention plans a graph for every new key length, i.e. every decode step: measured on an
+# H200 at ~1.7 ms of CPU time per call, 60 % of an eager decode step. The other CUDA kernels don't.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention, without the cuDNN backend on CUDA."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    with sdpa_kernel(_CUDA_SDPA):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
 class AttentionBackend(Protocol):
@@ -105,10 +120,8 @@ class DenseAttention:
             self._new_k[layer], self._new_v[layer] = k, v
         if self._mask is None:
             self._mask = self._build_mask(q.device)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T, D], [B, G, S, D]
-            attn_mask=self._mask, enable_gqa=True,
-        )
+        out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T, D], [B, G, S, D]
+                   self._mask, enable_gqa=True)
         return out.transpose(1, 2)  # [B, T, H, D]
 
     def commit(self) -> None:

@@ -17,8 +17,8 @@ class QuantKernel(Enum):
     CPU_INT8 = "cpu_int8"  # aten._weight_int8pack_mm, bf16 activations
     CPU_INT4 = "cpu_int4"  # aten._weight_int4pack_mm_for_cpu after a lossless repack
     CUDA_CPM = "cuda_cpm"  # cpm_kernels gemv_broadcast_mat_int8 (int8 only)
-    CUDA_TORCH = "cuda_torch"  # aten._weight_int4pack_mm (int4); int8: aten._weight_int8pack_mm for a few
-    # rows where this torch has it on CUDA, else (and for prefill) dequantize + cuBLAS
+    CUDA_TORCH = "cuda_torch"  # aten._weight_int4pack_mm (int4); int8: cuBLAS on the int8 values widened to
+    # bf16 (exact) with the row scale applied after, or dequantize + cuBLAS for fp32/fp16 activations
 
 
 class QuantKernelError(ValueError):
@@ -31,25 +31,6 @@ def cpm_unavailable_reason() -> str | None:
         import cpm_kernels.kernels  # noqa: F401  (raises RuntimeError without a CUDA driver)
     except (ImportError, RuntimeError, OSError) as exc:
         return f"cpm_kernels cannot be imported: {exc}"
-    return None
-
-
-# rows up to which int8 CUDA_TORCH uses aten's int8 kernel (bf16 activations only: fp32 ones stay exact
-# through dequantize + cuBLAS); prefill dequantizes and uses cuBLAS
-CUDA_INT8PACK_MAX_ROWS = 16
-
-
-@functools.cache
-def cuda_int8pack_unavailable_reason(device: torch.device) -> str | None:
-    """Whether aten._weight_int8pack_mm runs on this CUDA device (newer torch builds have a kernel)."""
-    try:
-        x = torch.ones(1, 64, dtype=torch.bfloat16, device=device)
-        w = torch.ones(8, 64, dtype=torch.int8, device=device)
-        y = torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
-        if not bool((y == 64).all()):
-            return "aten._weight_int8pack_mm gave a wrong result on a test product"
-    except (RuntimeError, NotImplementedError) as exc:
-        return f"aten._weight_int8pack_mm does not run on {device}: {str(exc).splitlines()[0]}"
     return None
 
 
@@ -131,8 +112,6 @@ def prepare(kernel: QuantKernel, weight: torch.Tensor, scale: torch.Tensor, bits
         packed["scale_zeros"] = sz
     elif kernel is QuantKernel.CUDA_CPM:
         packed["scale16"] = scale.to(torch.float16).contiguous()
-    elif kernel is QuantKernel.CUDA_TORCH and bits == 8 and cuda_int8pack_unavailable_reason(weight.device) is None:
-        packed["ones"] = torch.ones(n, dtype=torch.bfloat16, device=weight.device)
     elif kernel is QuantKernel.CUDA_TORCH and bits == 4 and weight.shape[1] * 2 % 128 == 0 and n % 8 == 0:
         k = weight.shape[1] * 2
         packed["int4pack"] = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(weight).contiguous(), 8)
@@ -178,10 +157,11 @@ def run(kernel: QuantKernel, x: torch.Tensor, weight: torch.Tensor, scale: torch
             return _dequant(x, weight, scale, bias, bits)
         return _cpm_int8(x, weight, packed, bias)
     if kernel is QuantKernel.CUDA_TORCH:
-        if "ones" in packed and x.dtype == torch.bfloat16 and x.shape[0] <= CUDA_INT8PACK_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), weight, packed["ones"])
-            return _finish(y, packed, bias, x.dtype)
-        if "int4pack" not in packed:  # int8 prefill or no int8 kernel, or an int4 shape tinygemm does not take
+        if bits == 8 and x.dtype == torch.bfloat16:
+            # the row scale factors out of the dot product; |q| <= 127 is exact in bf16. (fp16 would
+            # overflow on the unscaled sums, fp32 keeps the reference's fp16(q * scale) weights.)
+            return _finish(F.linear(x, weight.to(x.dtype)), packed, bias, x.dtype)
+        if "int4pack" not in packed:  # int8 in fp32/fp16, or an int4 shape tinygemm does not take
             return _dequant(x, weight, scale, bias, bits)
         y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed["int4pack"],
                                                packed["group"], packed["scale_zeros"])

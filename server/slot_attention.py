@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 
 from chatglm import fused_ops
+from chatglm.attention import sdpa
 
 
 class DecodeLayout(Enum):
@@ -116,7 +116,7 @@ class SlotAttention:
             qp = qc[c.start:c.end].view(T, G, hq, D).permute(1, 2, 0, 3).reshape(1, G, hq * T, D)
             kp = k_cache[c.slot, :c.ctx].transpose(0, 1)[None]  # [1, G, ctx, D]
             vp = v_cache[c.slot, :c.ctx].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=c.mask)  # [1, G, hq*T, D]
+            o = sdpa(qp, kp, vp, c.mask)  # [1, G, hq*T, D]
             out[c.start:c.end] = o.view(G, hq, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
         return out.to(q.dtype)
 
@@ -133,7 +133,7 @@ class SlotAttention:
             vd = v_cache[lo:lo + R, :S].transpose(1, 2)
         if self.layout is DecodeLayout.RANGE:
             qd = q.new_zeros(R, G, hq, D).index_copy_(0, self.decode_index, qd)  # [R, G, hq, D]
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask)  # [R, G, hq, D]
+        o = sdpa(qd, kd, vd, self.decode_mask)  # [R, G, hq, D]
         if self.layout is DecodeLayout.RANGE:
             o = o.index_select(0, self.decode_index)
         return o.reshape(nd, Hq, D)
