@@ -1,7 +1,7 @@
 # OpenAI-compatible ChatGLM2 + P-Tuning v2 server. The commands are the README's "Docker" section:
 #   CPU (default):  docker build -t chatglm-serve .
 #   CUDA:           docker build -t chatglm-serve:cuda --build-arg BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime \
-#                       --build-arg TORCH= --build-arg EXTRAS=[cuda] .
+#                       --build-arg TORCH= .
 #   run the bundled demo:  docker run --rm -p 8000:8000 chatglm-serve
 #   run a real model:      docker run --rm -p 8000:8000 -v /models:/models chatglm-serve \
 #                              python -m server --model /models/chatglm2-6b --quantize int4 --checkpoints /models/output
@@ -9,7 +9,7 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 # TORCH: the torch requirement installed first from TORCH_INDEX (the CPU wheel; PyPI's Linux wheel is the CUDA
-# build). Empty TORCH keeps the base image's torch (the pytorch/pytorch CUDA images). EXTRAS: e.g. [cuda].
+# build). Empty TORCH keeps the base image's torch (the pytorch/pytorch CUDA images). EXTRAS: e.g. [train].
 ARG TORCH=torch==2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG EXTRAS=

@@ -66,7 +66,7 @@ def fixture_check(fixture: str, dev: torch.device) -> list[str]:
         ref = load_model(fixture, dtype=torch.float16, quantize=bits).float()
         use_kernel(ref, QuantKernel.DEQUANT)
         refs = [(torch.tensor([p]), ref(torch.tensor([p])), greedy(ref, torch.tensor([p]))) for p in PROMPTS]
-        for kernel in (QuantKernel.CUDA_TORCH, QuantKernel.CUDA_CPM, QuantKernel.DEQUANT):
+        for kernel in (QuantKernel.CUDA_TORCH, QuantKernel.DEQUANT):
             reason = unsupported_reason(kernel, mode, dev)
             if reason:
                 lines.append(f"int{bits} {kernel.name:10}: not run ({reason})")
@@ -186,8 +186,7 @@ def cuda_check(fixture: str, decode: int, build, bytes_per_token) -> None:
     print(f"== chatglm2-6b shape, random weights, eager PyTorch; device read bandwidth {read_gbs:.0f} GB/s ==")
     print(f"{'mode':5} {'kernel':10} {'GB/tok':>6} {'tok/s b1':>8} {'% bound':>7} {'kernel-busy tok/s':>14} "
           f"{'tok/s b16':>9} {'prefill':>9} {'GPU GB':>7} {'build':>5}")
-    plan = [("bf16", None), ("int8", QuantKernel.CUDA_TORCH), ("int8", QuantKernel.CUDA_CPM),
-            ("int4", QuantKernel.CUDA_TORCH)]
+    plan = [("bf16", None), ("int8", QuantKernel.CUDA_TORCH), ("int4", QuantKernel.CUDA_TORCH)]
     for mode_name, kernel in plan:
         if kernel is not None and unsupported_reason(kernel, QuantMode.parse(mode_name), dev):
             continue

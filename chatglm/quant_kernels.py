@@ -1,7 +1,6 @@
 """Matmul kernels for THUDM-format quantized weights: a dequantize reference plus CPU/CUDA fast paths."""
 from __future__ import annotations
 
-import functools
 from enum import Enum
 
 import torch
@@ -16,22 +15,12 @@ class QuantKernel(Enum):
     CPU_AVX2 = "cpu_avx2"  # quant_cpu.cpp: fused AVX2 kernel on THUDM's layout, no repacked copy
     CPU_INT8 = "cpu_int8"  # aten._weight_int8pack_mm, bf16 activations
     CPU_INT4 = "cpu_int4"  # aten._weight_int4pack_mm_for_cpu after a lossless repack
-    CUDA_CPM = "cuda_cpm"  # cpm_kernels gemv_broadcast_mat_int8 (int8 only)
     CUDA_TORCH = "cuda_torch"  # aten._weight_int4pack_mm (int4); int8: cuBLAS on the int8 values widened to
     # bf16 (exact) with the row scale applied after, or dequantize + cuBLAS for fp32/fp16 activations
 
 
 class QuantKernelError(ValueError):
     pass
-
-
-@functools.cache
-def cpm_unavailable_reason() -> str | None:
-    try:
-        import cpm_kernels.kernels  # noqa: F401  (raises RuntimeError without a CUDA driver)
-    except (ImportError, RuntimeError, OSError) as exc:
-        return f"cpm_kernels cannot be imported: {exc}"
-    return None
 
 
 def unsupported_reason(kernel: QuantKernel, mode: QuantMode, device: torch.device) -> str | None:
@@ -43,7 +32,7 @@ def unsupported_reason(kernel: QuantKernel, mode: QuantMode, device: torch.devic
         return None
     if kernel in (QuantKernel.CPU_AVX2, QuantKernel.CPU_INT8, QuantKernel.CPU_INT4) and device.type != "cpu":
         return "it is a CPU kernel"
-    if kernel in (QuantKernel.CUDA_CPM, QuantKernel.CUDA_TORCH) and device.type != "cuda":
+    if kernel is QuantKernel.CUDA_TORCH and device.type != "cuda":
         return "it is a CUDA kernel"
     if kernel is QuantKernel.CPU_INT8 and mode is not QuantMode.INT8:
         return "it multiplies int8 weights only"
@@ -51,9 +40,6 @@ def unsupported_reason(kernel: QuantKernel, mode: QuantMode, device: torch.devic
         return "it multiplies int4 weights only"
     if kernel is QuantKernel.CPU_AVX2:
         return native_unavailable_reason()
-    if kernel is QuantKernel.CUDA_CPM:
-        return ("cpm_kernels' int8 GEMV multiplies int8 activations too (W8A8), not a weight-only kernel"
-                if mode is QuantMode.INT8 else "cpm_kernels has no int4 weight kernel")
     return None
 
 
@@ -71,7 +57,6 @@ def default_kernel(mode: QuantMode, device: torch.device | str) -> QuantKernel:
         fallback = QuantKernel.CPU_INT8 if mode is QuantMode.INT8 else QuantKernel.CPU_INT4
         candidates = [QuantKernel.CPU_AVX2, fallback]
     elif device.type == "cuda":
-        # CUDA_CPM stays opt-in until `bench/quant.py --cuda` has checked it on a GPU (none lent yet)
         candidates = [QuantKernel.CUDA_TORCH]
     else:
         candidates = [QuantKernel.DEQUANT]
@@ -110,8 +95,6 @@ def prepare(kernel: QuantKernel, weight: torch.Tensor, scale: torch.Tensor, bits
         sz = torch.zeros(u.shape[1] // group, u.shape[0], 2)
         sz[..., 0] = 1.0
         packed["scale_zeros"] = sz
-    elif kernel is QuantKernel.CUDA_CPM:
-        packed["scale16"] = scale.to(torch.float16).contiguous()
     elif kernel is QuantKernel.CUDA_TORCH and bits == 4 and weight.shape[1] * 2 % 128 == 0 and n % 8 == 0:
         k = weight.shape[1] * 2
         packed["int4pack"] = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(weight).contiguous(), 8)
@@ -152,10 +135,6 @@ def run(kernel: QuantKernel, x: torch.Tensor, weight: torch.Tensor, scale: torch
         sz = packed["scale_zeros"].to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.contiguous(), packed["int4pack"], packed["group"], sz)
         return _finish(y[:, : weight.shape[0]], packed, bias, x.dtype)
-    if kernel is QuantKernel.CUDA_CPM:
-        if x.shape[1] % 4:
-            return _dequant(x, weight, scale, bias, bits)
-        return _cpm_int8(x, weight, packed, bias)
     if kernel is QuantKernel.CUDA_TORCH:
         if bits == 8 and x.dtype == torch.bfloat16:
             # the row scale factors out of the dot product; |q| <= 127 is exact in bf16. (fp16 would
@@ -168,17 +147,3 @@ def run(kernel: QuantKernel, x: torch.Tensor, weight: torch.Tensor, scale: torch
         return _finish(y, packed, bias, x.dtype)
     raise QuantKernelError(f"unknown quantization kernel {kernel!r}")
 
-
-def _cpm_int8(x: torch.Tensor, weight: torch.Tensor, packed: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    from cpm_kernels.kernels import gemv_broadcast_mat_int8
-
-    m, k = x.shape
-    n = weight.shape[0]
-    x16 = x.to(torch.float16).contiguous()
-    out = torch.empty(m, n, dtype=torch.float16, device=x.device)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    gemv_broadcast_mat_int8(m, n, k, packed["scale16"].data_ptr(), weight.data_ptr(), x16.data_ptr(),
-                            out.data_ptr(), stream)
-    if bias is not None:
-        out = out + bias.to(torch.float16)
-    return out.to(x.dtype)

@@ -151,8 +151,8 @@ def test_unsupported_combinations_fail_with_a_clear_message():
         check_kernel(QuantKernel.CUDA_TORCH, QuantMode.INT4, "cpu")
     with pytest.raises(QuantKernelError, match=r"CPU_AVX2 cannot run mode INT8 on device cuda.*CPU kernel"):
         check_kernel(QuantKernel.CPU_AVX2, QuantMode.INT8, torch.device("cuda"))
-    with pytest.raises(QuantKernelError, match=r"CUDA_CPM cannot run mode INT4 on device cuda.*no int4"):
-        check_kernel(QuantKernel.CUDA_CPM, QuantMode.INT4, torch.device("cuda"))
+    with pytest.raises(QuantKernelError, match=r"CUDA_TORCH cannot run mode INT8 on device cpu.*CUDA kernel"):
+        check_kernel(QuantKernel.CUDA_TORCH, QuantMode.INT8, torch.device("cpu"))
     with pytest.raises(QuantKernelError, match="NONE"):
         check_kernel(QuantKernel.DEQUANT, QuantMode.NONE, "cpu")
     with pytest.raises(ValueError, match="even"):
@@ -273,3 +273,22 @@ def test_avx2_kernel_is_deterministic_across_thread_counts(bits, rows):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+def test_cuda_torch_int8_arithmetic_on_cpu_tensors(raw_sd):
+    """The CPU-checkable part of CUDA_TORCH int8: with bf16 activations it multiplies the int8 values
+    (exact in bf16) and applies the row scale after; fp32 activations take the dequantize reference."""
+    from chatglm.quant_kernels import prepare, run
+
+    gen = torch.Generator().manual_seed(3)
+    for layer, suffix in LAYERS:
+        lin = quantize_linear(_linear(raw_sd, layer, suffix), 8)
+        packed = prepare(QuantKernel.CUDA_TORCH, lin.weight, lin.weight_scale, 8)
+        x = torch.randn(3, lin.in_features, generator=gen)
+        bias = None if lin.bias is None else lin.bias.float()
+        ref = F.linear(x, dequantize_weight(lin.weight, lin.weight_scale, 8).float(), bias)
+        got32 = run(QuantKernel.CUDA_TORCH, x, lin.weight, lin.weight_scale, lin.bias, 8, packed)
+        torch.testing.assert_close(got32, ref, rtol=0, atol=1e-5)
+        got16 = run(QuantKernel.CUDA_TORCH, x.bfloat16(), lin.weight, lin.weight_scale, lin.bias, 8, packed)
+        assert got16.dtype == torch.bfloat16
+        assert (got16.float() - ref).abs().max() / ref.abs().max() <= 1.5e-2
