@@ -34,8 +34,20 @@ def _as_batch(x):
     return t[None] if t.dim() == 1 else t
 
 
+@pytest.fixture(params=["fused", "eager"])
+def small_ops(request, monkeypatch):
+    """The C++ small ops (CPU inference) or the eager code CUDA and training run."""
+    from chatglm import fused_ops
+
+    if request.param == "eager":
+        monkeypatch.setenv("CHATGLM_FUSED", "0")
+    fused_ops.fused_available.cache_clear()
+    yield request.param
+    fused_ops.fused_available.cache_clear()
+
+
 @pytest.mark.parametrize("name", ["base", *PREFIX_DIRS])
-def test_logits_match_reference(model, fixture_dir, expected, expected_tensors, name):
+def test_logits_match_reference(model, fixture_dir, expected, expected_tensors, name, small_ops):
     prefix = _prefix(model, fixture_dir, name)
     for case, rec in _section(expected, name)["logits"].items():
         ids = _as_batch(rec["input_ids"])
