@@ -79,6 +79,11 @@ class Linear(nn.Linear):
     fp32 after an exact conversion and the result is fp32.
     """
 
+    def decode_spec(self, x: torch.Tensor) -> tuple | None:
+        """(weight, scale, bias, bits) for chatglm_block's ops when this layer would run `x` (inference)
+        through the GEMV kernel, else None."""
+        return (self.weight, None, self.bias, 0) if wants_gemv(x, self.weight) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             if wants_gemv(x, self.weight):

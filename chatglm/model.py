@@ -118,8 +118,33 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
+        specs = self._fused_specs(x, rope)
+        if specs is not None:  # the same kernels in two C++ calls around attention (block_cpu.cpp)
+            return self._fused_forward(x, rope, attention, *specs)
         x = x + self.self_attention(self.input_layernorm(x), rope, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_specs(self, x: torch.Tensor, rope: torch.Tensor) -> tuple | None:
+        """The four linears' kernel arguments when the eager code would run every op of this block but
+        attention through the C++ kernels (CPU inference; float linears at GEMV row counts), else None.
+        Not under autograd: attention's output may need a gradient (a trainable prefix) though x has none."""
+        if torch.is_grad_enabled() or not fused_ops.use_fused(
+                x, rope, self.input_layernorm.weight, self.post_attention_layernorm.weight):
+            return None
+        attn, mlp = self.self_attention, self.mlp
+        specs = tuple(m.decode_spec(x) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
+                                                  mlp.dense_4h_to_h))
+        return None if None in specs else specs
+
+    def _fused_forward(self, x, rope, attention, qkv, dense, up, down) -> torch.Tensor:
+        a = self.self_attention
+        H, G, D = a.num_heads, a.num_groups, a.head_dim
+        qkv_out = torch.ops.chatglm_block.pre(x, self.input_layernorm.weight, self.input_layernorm.eps, *qkv,
+                                              rope, H + G, D)  # [*lead, (H + 2G) * D], q and k rotated
+        q, k, v = qkv_out.split([H * D, G * D, G * D], dim=-1)
+        out = attention(a.layer_number, q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D)), v.unflatten(-1, (G, D)))
+        return torch.ops.chatglm_block.post(x, out.flatten(-2), *dense, self.post_attention_layernorm.weight,
+                                            self.post_attention_layernorm.eps, *up, *down)
 
 
 class Encoder(nn.Module):

@@ -1,9 +1,10 @@
 """The C++ CPU extension (built on first use with torch's cpp_extension, ~30 s, cached afterwards).
 
-One library from three sources: quant_cpu.cpp (AVX2 weight-only int8/int4 matmul,
+One library from four sources: quant_cpu.cpp (AVX2 weight-only int8/int4 matmul,
 `chatglm_quant::mm`), gemv_cpu.cpp (bf16/fp32-weight matrix-vector product for decode steps,
-`chatglm_gemv::mv`) and fused_cpu.cpp (inference versions of the per-layer small ops,
-`chatglm_fused::*`).
+`chatglm_gemv::mv`), fused_cpu.cpp (inference versions of the per-layer small ops,
+`chatglm_fused::*`) and block_cpu.cpp (a decode step's block around attention in two calls,
+`chatglm_block::pre/post`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(n) for n in ("quant_cpu.cpp", "gemv_cpu.cpp", "fused_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("quant_cpu.cpp", "gemv_cpu.cpp", "fused_cpu.cpp", "block_cpu.cpp")]
 
 
 @functools.cache

@@ -108,6 +108,15 @@ class QuantizedLinear(nn.Module):
         y = run(self.kernel, x2, self.weight, self.weight_scale, self.bias, self.bits, self._packed)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def decode_spec(self, x: torch.Tensor) -> tuple | None:
+        """(weight, scale, bias, bits) for chatglm_block's ops when this layer runs `x` (fp32/bf16, CPU,
+        inference) through the AVX2 kernel, else None."""
+        if self._packed is None:
+            self.prepare()
+        if self.kernel is not QuantKernel.CPU_AVX2 or x.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return self.weight, self._packed["scale"], self.bias, self.bits
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuantMatmul.apply(x, self)

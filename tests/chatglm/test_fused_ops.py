@@ -1,4 +1,4 @@
-"""The C++ inference ops (chatglm/fused_cpu.cpp, chatglm/gemv_cpu.cpp) against the eager code they replace,
+"""The C++ inference ops (chatglm/fused_cpu.cpp, gemv_cpu.cpp, block_cpu.cpp) against the eager code they replace,
 and the huge-page move."""
 from __future__ import annotations
 
@@ -130,3 +130,33 @@ def test_move_to_huge_pages_keeps_values_and_parameters():
     assert moved in (0, 1 << 20)  # 0 where the OS has no transparent huge pages
     x = torch.randn(2, 512).bfloat16()
     torch.testing.assert_close(lin(x), F.linear(x, before, lin.bias))
+
+
+@pytest.mark.parametrize("quantize", [None, 8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_ops_give_the_bits_of_the_eager_block(fixture_dir, monkeypatch, quantize, dtype):
+    """chatglm_block::pre/post (a layer in two C++ calls around attention) against the same kernels
+    called one by one from Python: prefill and decode steps, float (GEMV) and int8/int4 (AVX2) weights."""
+    import chatglm
+    from chatglm.generation import generate
+    from chatglm.model import GLMBlock
+
+    model = chatglm.load_model(fixture_dir / "model", dtype=dtype, quantize=quantize)
+    ids = torch.tensor([[3001, 3003, 283, 288, 2703, 2731, 2740, 13, 13, 2729, 2724, 777, 13, 13]])
+    used = []
+    fused_specs = GLMBlock._fused_specs
+
+    def spy(self, x, rope):
+        specs = fused_specs(self, x, rope)
+        used.append(specs is not None)
+        return specs
+
+    monkeypatch.setattr(GLMBlock, "_fused_specs", spy)
+    with torch.no_grad():
+        fused = model(ids), generate(model, ids, max_new_tokens=8)
+    assert used and all(used)
+    monkeypatch.setattr(GLMBlock, "_fused_specs", lambda self, x, rope: None)
+    with torch.no_grad():
+        eager = model(ids), generate(model, ids, max_new_tokens=8)
+    assert torch.equal(fused[0], eager[0])
+    assert fused[1] == eager[1]
