@@ -79,7 +79,7 @@ class Linear(nn.Linear):
     fp32 after an exact conversion and the result is fp32.
     """
 
-    def decode_spec(self, x: torch.Tensor) -> tuple | None:
+    def block_spec(self, x: torch.Tensor) -> tuple | None:
         """(weight, scale, bias, bits) for chatglm_block's ops when this layer would run `x` (inference)
         through the GEMV kernel, else None."""
         return (self.weight, None, self.bias, 0) if wants_gemv(x, self.weight) else None

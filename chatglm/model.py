@@ -81,18 +81,21 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, attention: AttentionBackend) -> torch.Tensor:
         H, G, D = self.num_heads, self.num_groups, self.head_dim
         qkv = self.query_key_value(x)  # [*lead, (H + 2G) * D]
-        fused = fused_ops.use_fused(qkv, rope) and qkv.is_contiguous()
-        if fused:  # one call rotates q and k in place (qkv is this layer's fresh output)
-            qkv = fused_ops.rotary_(qkv, rope, H + G, D)
-        if fused:
-            q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
-            q, k = q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D))  # [*lead, H|G, D]
+        if fused_ops.use_fused(qkv, rope) and qkv.is_contiguous():
+            # one call rotates q and k in place (qkv is this layer's fresh output)
+            q, k, v = self.heads(fused_ops.rotary_(qkv, rope, H + G, D))
         else:  # q and k heads rotate in one pass (half the ops: fewer GPU launches, less autograd graph)
             qk, v = qkv.split([(H + G) * D, G * D], dim=-1)
             q, k = apply_rotary(qk.unflatten(-1, (H + G, D)), rope).split([H, G], dim=-2)  # [*lead, H|G, D]
-        v = v.unflatten(-1, (G, D))
+            v = v.unflatten(-1, (G, D))
         out = attention(self.layer_number, q, k, v)  # [*lead, H, D]
         return self.dense(out.flatten(-2))
+
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [*lead, (H + 2G) * D] -> views q [*lead, H, D], k and v [*lead, G, D]."""
+        H, G, D = self.num_heads, self.num_groups, self.head_dim
+        q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
+        return q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D)), v.unflatten(-1, (G, D))
 
 
 class MLP(nn.Module):
@@ -132,8 +135,8 @@ class GLMBlock(nn.Module):
                 x, rope, self.input_layernorm.weight, self.post_attention_layernorm.weight):
             return None
         attn, mlp = self.self_attention, self.mlp
-        specs = tuple(m.decode_spec(x) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
-                                                  mlp.dense_4h_to_h))
+        specs = tuple(m.block_spec(x) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
+                                                 mlp.dense_4h_to_h))
         return None if None in specs else specs
 
     def _fused_forward(self, x, rope, attention, qkv, dense, up, down) -> torch.Tensor:
@@ -141,8 +144,7 @@ class GLMBlock(nn.Module):
         H, G, D = a.num_heads, a.num_groups, a.head_dim
         qkv_out = torch.ops.chatglm_block.pre(x, self.input_layernorm.weight, self.input_layernorm.eps, *qkv,
                                               rope, H + G, D)  # [*lead, (H + 2G) * D], q and k rotated
-        q, k, v = qkv_out.split([H * D, G * D, G * D], dim=-1)
-        out = attention(a.layer_number, q.unflatten(-1, (H, D)), k.unflatten(-1, (G, D)), v.unflatten(-1, (G, D)))
+        out = attention(a.layer_number, *a.heads(qkv_out))  # [*lead, H, D]
         return torch.ops.chatglm_block.post(x, out.flatten(-2), *dense, self.post_attention_layernorm.weight,
                                             self.post_attention_layernorm.eps, *up, *down)
 

@@ -108,7 +108,7 @@ class QuantizedLinear(nn.Module):
         y = run(self.kernel, x2, self.weight, self.weight_scale, self.bias, self.bits, self._packed)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def decode_spec(self, x: torch.Tensor) -> tuple | None:
+    def block_spec(self, x: torch.Tensor) -> tuple | None:
         """(weight, scale, bias, bits) for chatglm_block's ops when this layer runs `x` (fp32/bf16, CPU,
         inference) through the AVX2 kernel, else None."""
         if self._packed is None:
